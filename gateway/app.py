@@ -1,0 +1,147 @@
+"""Both web applications, and the serving process: start, notify, drain, stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import Callable
+
+import attrs
+import structlog
+from aiohttp import web
+
+from gateway import ops
+from gateway.codes import CloseCode
+from gateway.config import Settings, redacted_summary
+from gateway.device.endpoint import device_ws
+from gateway.devmode import print_banner
+from gateway.internal_api import build_internal_app, json_errors
+from gateway.logs import AccessLogger
+from gateway.services import SERVICES, Secrets, Services, open_services
+from gateway.systemd import SystemdNotifier
+
+log = structlog.get_logger(__name__)
+
+DEVICE_WS_PATH = "/api/v1/ws/device"
+# HTTP handlers still running when a listener stops get this long to finish.
+HANDLER_GRACE_S = 2.0
+
+
+def build_public_app(svc: Services) -> web.Application:
+    """Devices and operations; the internal API is never served here."""
+    app = web.Application(middlewares=[json_errors])
+    app[SERVICES] = svc
+    app.router.add_get(DEVICE_WS_PATH, device_ws)
+    ops.add_routes(app)
+    return app
+
+
+@attrs.define
+class StopSignal:
+    """First SIGTERM/SIGINT: drain. Second: leave at once."""
+
+    on_force: Callable[[], None]
+    event: asyncio.Event = attrs.Factory(asyncio.Event)
+
+    def __call__(self, signum: int) -> None:
+        if self.event.is_set():
+            log.warning("second_signal_exiting_now", signal=signal.Signals(signum).name)
+            self.on_force()
+            os._exit(1)
+        log.info("stop_signal", signal=signal.Signals(signum).name)
+        self.event.set()
+
+
+async def drain(svc: Services) -> None:
+    """Close every device with 1001 and wait until each one's cleanup has run."""
+    for conn in list(svc.registry):
+        conn.request_close(CloseCode.GOING_AWAY, "gateway shutting down")
+    if svc.sockets > 0:
+        await svc.no_sockets.wait()
+
+
+async def watchdog_loop(svc: Services, notifier: SystemdNotifier, interval: float) -> None:
+    """WATCHDOG=1 while the event loop and the database answer; STATUS with the count."""
+    while True:
+        try:
+            async with asyncio.timeout(interval):
+                await svc.store.ping()
+        except Exception as exc:
+            log.warning("watchdog_database_unavailable", error=repr(exc))
+        else:
+            notifier.watchdog()
+        notifier.status(f"{len(svc.registry)} devices connected")
+        await asyncio.sleep(interval)
+
+
+async def serve(
+    settings: Settings, secrets: Secrets, dsn: str, *, on_force_exit: Callable[[], None]
+) -> int:
+    """Run until SIGTERM/SIGINT, then drain within GATEWAY_SHUTDOWN_TIMEOUT_S."""
+    loop = asyncio.get_running_loop()
+    stop = StopSignal(on_force=on_force_exit)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop, signum)
+    notifier = SystemdNotifier(settings.notify_socket)
+    log.info("gateway_starting", settings=redacted_summary(settings))
+    async with open_services(settings, secrets, dsn) as svc:
+        public = web.AppRunner(build_public_app(svc), access_log_class=AccessLogger,
+                               handle_signals=False, shutdown_timeout=HANDLER_GRACE_S)
+        internal = web.AppRunner(build_internal_app(svc), access_log_class=AccessLogger,
+                                 handle_signals=False, shutdown_timeout=HANDLER_GRACE_S,
+                                 handler_cancellation=True)
+        await public.setup()
+        await internal.setup()
+        try:
+            await web.TCPSite(public, settings.public_host, settings.public_port).start()
+            await web.TCPSite(internal, settings.internal_host, settings.internal_port).start()
+            public_port = _port_of(public, settings.public_port)
+            internal_port = _port_of(internal, settings.internal_port)
+            log.info("gateway_listening", public=f"{settings.public_host}:{public_port}",
+                     internal=f"{settings.internal_host}:{internal_port}",
+                     instance_id=settings.instance_id)
+            if settings.dev_mode:
+                print_banner(settings, secrets, public_port=public_port,
+                             internal_port=internal_port)
+            notifier.ready("accepting devices")
+            interval = SystemdNotifier.watchdog_interval(
+                settings.watchdog_usec, settings.watchdog_pid, os.getpid())
+            if interval is not None:
+                svc.spawn(watchdog_loop(svc, notifier, interval), "systemd-watchdog")
+            await stop.event.wait()
+
+            svc.draining = True
+            notifier.stopping("draining")
+            log.info("gateway_draining", devices=len(svc.registry))
+            try:
+                async with asyncio.timeout(max(0.5, settings.shutdown_timeout_s - 1.0)):
+                    await drain(svc)
+            except TimeoutError:
+                log.error("drain_timeout", devices_left=svc.sockets)
+        finally:
+            await internal.cleanup()
+            await public.cleanup()
+    notifier.close()
+    log.info("gateway_stopped")
+    return 0
+
+
+def _port_of(runner: web.AppRunner, configured: int) -> int:
+    for address in runner.addresses:
+        if isinstance(address, tuple) and len(address) >= 2:
+            return int(address[1])
+    return configured
+
+
+def run(settings: Settings, secrets: Secrets, dsn: str,
+        on_force_exit: Callable[[], None]) -> int:
+    """Run the event loop (uvloop when installed) around ``serve``."""
+    runner_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        runner_factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=runner_factory) as runner:
+        return runner.run(serve(settings, secrets, dsn, on_force_exit=on_force_exit))

@@ -1,0 +1,162 @@
+"""Command line: ``serve`` (default), ``migrate``, ``token``, ``device``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+import asyncpg
+import structlog
+
+from gateway.config import ConfigError, Settings, add_arguments, describe, flags_from_namespace
+from gateway.config import load_settings as build_settings
+
+log = structlog.get_logger(__name__)
+
+COMMANDS = ("serve", "migrate", "token", "device")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="run_gateway.py",
+        description="Device gateway: WebSockets to desktop devices, an internal API for "
+                    "services, run logs in PostgreSQL.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Environment variables (flags override them):\n" + describe(),
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve = commands.add_parser("serve", help="run the gateway (the default)")
+    add_arguments(serve)
+    migrate = commands.add_parser("migrate", help="apply pending migrations and exit")
+    add_arguments(migrate)
+    token = commands.add_parser("token", help="mint a device JWT with the configured secret")
+    token.add_argument("--sub", required=True, help="the user id (JWT sub)")
+    token.add_argument("--ttl", type=float, default=3600.0, help="lifetime in seconds (3600)")
+    add_arguments(token)
+    device = commands.add_parser("device", help="a device simulator that answers tools")
+    device.add_argument("--token", help="device JWT (default: minted from the dev secret)")
+    device.add_argument("--sub", default="dev-user", help="user id when minting (dev-user)")
+    device.add_argument("--device-id", required=True)
+    device.add_argument("--agent-id", action="append", default=None,
+                        help="agent ids to advertise (default: stream)")
+    device.add_argument("--url", help="gateway WebSocket URL "
+                        "(default: ws://127.0.0.1:<public port>/api/v1/ws/device)")
+    device.add_argument("--quiet", action="store_true", help="do not log every frame")
+    add_arguments(device)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if not args_list or args_list[0] not in (*COMMANDS, "-h", "--help"):
+        args_list.insert(0, "serve")
+    parser = build_parser()
+    args = parser.parse_args(args_list)
+    try:
+        settings = build_settings(os.environ, flags_from_namespace(args))
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    from gateway.logs import configure_logging
+
+    configure_logging(level=settings.log_level, fmt=settings.log_format)
+    handlers: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
+        "serve": cmd_serve, "migrate": cmd_migrate, "token": cmd_token, "device": cmd_device,
+    }
+    try:
+        return handlers[args.command](settings, args)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _database(settings: Settings) -> tuple[str, Callable[[], None], Callable[[], None]]:
+    """The DSN to use, a stop function, and an immediate-stop function."""
+    if settings.database_url is not None:
+        return settings.database_url, lambda: None, lambda: None
+    from gateway.embedded_db import EmbeddedDbError, EmbeddedPostgres, stop_server_immediately
+
+    try:
+        embedded = EmbeddedPostgres.start(settings.data_dir)
+    except EmbeddedDbError as exc:
+        raise ConfigError(str(exc)) from None
+    return embedded.dsn, embedded.stop, lambda: stop_server_immediately(embedded.pgdata)
+
+
+def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    from gateway.app import run
+    from gateway.devmode import resolve_secrets
+
+    secrets = resolve_secrets(settings)
+    dsn, stop_db, stop_db_now = _database(settings)
+    try:
+        return run(settings, secrets, dsn, stop_db_now)
+    except (OSError, asyncpg.PostgresError) as exc:
+        log.error("gateway_failed", error=str(exc))
+        print(f"gateway failed: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        stop_db()
+
+
+def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
+    from gateway.migrate import MigrationError, apply_migrations, default_migrations_dir
+
+    dsn, stop_db, _ = _database(settings)
+
+    async def migrate() -> list[str]:
+        conn = await asyncpg.connect(dsn)
+        try:
+            return await apply_migrations(conn, default_migrations_dir())
+        finally:
+            await conn.close()
+
+    try:
+        applied = asyncio.run(migrate())
+    except MigrationError as exc:
+        print(f"migration error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        stop_db()
+    print("applied: " + ", ".join(applied) if applied else "database is up to date")
+    return 0
+
+
+def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
+    from gateway.auth import mint_device_token
+    from gateway.devmode import resolve_secrets
+
+    secret = resolve_secrets(settings).jwt_secret
+    algorithm = next((a for a in settings.jwt_algorithms if a.startswith("HS")), None)
+    if secret is None or algorithm is None:
+        raise ConfigError("token needs an HS* algorithm and GATEWAY_JWT_SECRET (or dev mode)")
+    if not args.sub.strip():
+        raise ConfigError("--sub must not be empty")
+    if args.ttl <= 0:
+        raise ConfigError("--ttl must be positive")
+    print(mint_device_token(secret=secret, subject=args.sub, ttl_s=args.ttl,
+                            algorithm=algorithm, audience=settings.jwt_audience,
+                            issuer=settings.jwt_issuer))
+    return 0
+
+
+def cmd_device(settings: Settings, args: argparse.Namespace) -> int:
+    from gateway.auth import mint_device_token
+    from gateway.devmode import resolve_secrets
+    from gateway.simulator import SimulatorOptions, run_simulator
+
+    token = args.token
+    if token is None:
+        secret = resolve_secrets(settings).jwt_secret
+        if secret is None:
+            raise ConfigError("give --token, or run in dev mode / set GATEWAY_JWT_SECRET")
+        token = mint_device_token(secret=secret, subject=args.sub, ttl_s=24 * 3600,
+                                  audience=settings.jwt_audience, issuer=settings.jwt_issuer)
+    url = args.url or f"ws://127.0.0.1:{settings.public_port}/api/v1/ws/device"
+    options = SimulatorOptions(url=url, token=token, device_id=args.device_id,
+                               agent_ids=tuple(args.agent_id or ("stream",)),
+                               verbose=not args.quiet)
+    return asyncio.run(run_simulator(options))

@@ -1,0 +1,328 @@
+"""Settings: one frozen value built from environment variables and command-line flags.
+
+This is the only module that reads the environment. Every option has one row
+in ``OPTIONS``: its environment variable (PROTOCOL.md §4), the matching flag,
+its parser and its default; ``--help`` and validation both come from there.
+A bad value is a ``ConfigError`` whose message is one line an operator can act on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+SYMMETRIC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
+ASYMMETRIC_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("json", "console")
+
+
+class ConfigError(Exception):
+    """A setting is missing or invalid; the message is one line for the operator."""
+
+
+@attrs.frozen
+class Settings:
+    """Everything the gateway can be told. Built by ``load_settings``."""
+
+    database_url: str | None = None
+    data_dir: Path = Path(".gateway")
+    public_host: str = "0.0.0.0"
+    public_port: int = 8080
+    internal_host: str = "127.0.0.1"
+    internal_port: int = 8081
+    jwt_secret: str | None = None
+    jwt_algorithms: tuple[str, ...] = ("HS256",)
+    jwt_public_key_file: Path | None = None
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    jwt_require_exp: bool = True
+    jwt_leeway_s: float = 30.0
+    internal_tokens: tuple[str, ...] = ()
+    heartbeat_s: float = 30.0
+    hello_timeout_s: float = 15.0
+    app_ping: bool = True
+    max_frame_bytes: int = 4 * 1024 * 1024
+    max_inflight_calls_per_device: int = 64
+    max_devices_per_user: int = 32
+    max_connections: int = 50_000
+    bad_frames_per_minute: int = 30
+    shutdown_timeout_s: float = 10.0
+    instance_id: str = ""
+    log_level: str = "info"
+    log_format: str | None = None  # None: json, or console when stdout is a terminal
+    auto_migrate: bool = True
+    # Tuning knobs beyond the contract (documented in the README).
+    event_batch_max: int = 2000
+    event_queue_max: int = 20_000
+    subscriber_buffer: int = 1000
+    # Handed to us by systemd; read here so no other module touches the environment.
+    notify_socket: str | None = None
+    watchdog_usec: str | None = None
+    watchdog_pid: str | None = None
+
+    @property
+    def dev_mode(self) -> bool:
+        """No database configured: embedded PostgreSQL and generated dev secrets."""
+        return self.database_url is None
+
+    @property
+    def uses_symmetric_jwt(self) -> bool:
+        return any(alg in SYMMETRIC_ALGORITHMS for alg in self.jwt_algorithms)
+
+
+# ---------------------------------------------------------------- parsers
+
+
+def _text(value: str) -> str:
+    value = value.strip()
+    if not value:
+        raise ValueError("must not be empty")
+    return value
+
+
+def _port(value: str) -> int:
+    port = int(value)
+    if not 0 <= port <= 65535:
+        raise ValueError("must be a port number 0-65535")
+    return port
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise ValueError("must be a positive integer")
+    return number
+
+
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if not number > 0 or number == float("inf"):
+        raise ValueError("must be a positive number of seconds")
+    return number
+
+
+def _non_negative_float(value: str) -> float:
+    number = float(value)
+    if not number >= 0 or number == float("inf"):
+        raise ValueError("must be a number of seconds, 0 or more")
+    return number
+
+
+def _bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
+def _csv(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def _algorithms(value: str) -> tuple[str, ...]:
+    algorithms = _csv(value)
+    if not algorithms:
+        raise ValueError("must name at least one algorithm")
+    known = SYMMETRIC_ALGORITHMS | ASYMMETRIC_ALGORITHMS
+    for alg in algorithms:
+        if alg not in known:
+            raise ValueError(f"unknown algorithm {alg!r} (allowed: {', '.join(sorted(known))})")
+    return algorithms
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(value: str) -> str:
+        lowered = value.strip().lower()
+        if lowered not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return lowered
+
+    return parse
+
+
+@attrs.frozen
+class Option:
+    field: str
+    env: str
+    parse: Callable[[str], Any]
+    help: str
+    secret: bool = False
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.field.replace("_", "-")
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("database_url", "GATEWAY_DATABASE_URL", _text,
+           "PostgreSQL DSN; unset = embedded PostgreSQL in the data dir (dev mode)", secret=True),
+    Option("data_dir", "GATEWAY_DATA_DIR", lambda v: Path(_text(v)),
+           "embedded database and dev secrets (default ./.gateway)"),
+    Option("public_host", "GATEWAY_PUBLIC_HOST", _text, "device listener address (0.0.0.0)"),
+    Option("public_port", "GATEWAY_PUBLIC_PORT", _port, "device listener port (8080)"),
+    Option("internal_host", "GATEWAY_INTERNAL_HOST", _text, "internal API address (127.0.0.1)"),
+    Option("internal_port", "GATEWAY_INTERNAL_PORT", _port, "internal API port (8081)"),
+    Option("jwt_secret", "GATEWAY_JWT_SECRET", _text,
+           "device JWT shared secret (HS*); required outside dev mode", secret=True),
+    Option("jwt_algorithms", "GATEWAY_JWT_ALGORITHMS", _algorithms,
+           "comma-separated allow-list (HS256)"),
+    Option("jwt_public_key_file", "GATEWAY_JWT_PUBLIC_KEY_FILE", lambda v: Path(_text(v)),
+           "PEM public key for RS*/ES*/PS*/EdDSA tokens"),
+    Option("jwt_audience", "GATEWAY_JWT_AUDIENCE", _text, "required aud claim"),
+    Option("jwt_issuer", "GATEWAY_JWT_ISSUER", _text, "required iss claim"),
+    Option("jwt_require_exp", "GATEWAY_JWT_REQUIRE_EXP", _bool, "tokens must carry exp (true)"),
+    Option("jwt_leeway_s", "GATEWAY_JWT_LEEWAY_S", _non_negative_float,
+           "clock leeway for exp/nbf/iat (30)"),
+    Option("internal_tokens", "GATEWAY_INTERNAL_TOKENS", _csv,
+           "comma-separated service tokens; required outside dev mode", secret=True),
+    Option("heartbeat_s", "GATEWAY_HEARTBEAT_S", _positive_float,
+           "WebSocket ping interval (30)"),
+    Option("hello_timeout_s", "GATEWAY_HELLO_TIMEOUT_S", _positive_float,
+           "time allowed for device_hello (15)"),
+    Option("app_ping", "GATEWAY_APP_PING", _bool,
+           "send legacy {type: ping} frames every heartbeat (true)"),
+    Option("max_frame_bytes", "GATEWAY_MAX_FRAME_BYTES", _positive_int,
+           "largest frame accepted (4194304)"),
+    Option("max_inflight_calls_per_device", "GATEWAY_MAX_INFLIGHT_CALLS_PER_DEVICE",
+           _positive_int, "concurrent tool calls per device (64)"),
+    Option("max_devices_per_user", "GATEWAY_MAX_DEVICES_PER_USER", _positive_int,
+           "devices one user may hold (32)"),
+    Option("max_connections", "GATEWAY_MAX_CONNECTIONS", _positive_int,
+           "device sockets per process (50000)"),
+    Option("bad_frames_per_minute", "GATEWAY_BAD_FRAMES_PER_MINUTE", _positive_int,
+           "bad frames tolerated per device per minute (30)"),
+    Option("shutdown_timeout_s", "GATEWAY_SHUTDOWN_TIMEOUT_S", _positive_float,
+           "drain budget on SIGTERM (10)"),
+    Option("instance_id", "GATEWAY_INSTANCE_ID", _text,
+           "stable id of this process (<hostname>:<public port>)"),
+    Option("log_level", "GATEWAY_LOG_LEVEL", _choice(*LOG_LEVELS), "debug|info|warning|error"),
+    Option("log_format", "GATEWAY_LOG_FORMAT", _choice(*LOG_FORMATS),
+           "json|console (json; console on a terminal)"),
+    Option("auto_migrate", "GATEWAY_AUTO_MIGRATE", _bool, "apply migrations when serving (true)"),
+    Option("event_batch_max", "GATEWAY_EVENT_BATCH_MAX", _positive_int,
+           "events per COPY batch at most (2000)"),
+    Option("event_queue_max", "GATEWAY_EVENT_QUEUE_MAX", _positive_int,
+           "events waiting for the database before devices are paused (20000)"),
+    Option("subscriber_buffer", "GATEWAY_SUBSCRIBER_BUFFER", _positive_int,
+           "live events buffered per slow reader before it re-reads the database (1000)"),
+)
+
+SYSTEMD_VARIABLES = {
+    "notify_socket": "NOTIFY_SOCKET",
+    "watchdog_usec": "WATCHDOG_USEC",
+    "watchdog_pid": "WATCHDOG_PID",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per option; flags default to None so the environment shows through."""
+    group = parser.add_argument_group("settings (each flag overrides its environment variable)")
+    for option in OPTIONS:
+        group.add_argument(
+            option.flag,
+            dest=option.field,
+            default=None,
+            metavar=option.env,
+            help=option.help,
+        )
+
+
+def load_settings(
+    environ: Mapping[str, str],
+    flags: Mapping[str, str | None] | None = None,
+    *,
+    hostname: Callable[[], str] = socket.gethostname,
+) -> Settings:
+    """Build and validate settings; flags win over the environment."""
+    flags = flags or {}
+    values: dict[str, Any] = {}
+    for option in OPTIONS:
+        raw = flags.get(option.field)
+        source = option.flag
+        if raw is None:
+            raw = environ.get(option.env)
+            source = option.env
+        if raw is None or raw.strip() == "":
+            continue
+        try:
+            values[option.field] = option.parse(raw)
+        except ValueError as exc:
+            shown = "(hidden)" if option.secret else repr(raw)
+            raise ConfigError(f"{source}={shown}: {exc}") from None
+    for field, variable in SYSTEMD_VARIABLES.items():
+        if environ.get(variable):
+            values[field] = environ[variable]
+    settings = Settings(**values)
+    if not settings.instance_id:
+        settings = attrs.evolve(
+            settings, instance_id=f"{hostname()}:{settings.public_port}"
+        )
+    validate(settings)
+    return settings
+
+
+def validate(settings: Settings) -> None:
+    """Cross-field rules; raises ConfigError."""
+    asymmetric = [a for a in settings.jwt_algorithms if a in ASYMMETRIC_ALGORITHMS]
+    if asymmetric and settings.jwt_public_key_file is None:
+        raise ConfigError(
+            f"GATEWAY_JWT_ALGORITHMS includes {asymmetric[0]}: set GATEWAY_JWT_PUBLIC_KEY_FILE"
+        )
+    if settings.jwt_public_key_file is not None and not settings.jwt_public_key_file.is_file():
+        raise ConfigError(
+            f"GATEWAY_JWT_PUBLIC_KEY_FILE={settings.jwt_public_key_file}: no such file"
+        )
+    if not settings.dev_mode:
+        if settings.uses_symmetric_jwt and settings.jwt_secret is None:
+            raise ConfigError(
+                "GATEWAY_JWT_SECRET is required when GATEWAY_DATABASE_URL is set"
+            )
+        if not settings.internal_tokens:
+            raise ConfigError(
+                "GATEWAY_INTERNAL_TOKENS is required when GATEWAY_DATABASE_URL is set"
+            )
+    if settings.jwt_secret is not None and len(settings.jwt_secret) < 16:
+        raise ConfigError("GATEWAY_JWT_SECRET is too short: use at least 16 characters")
+    if any(len(token) < 16 for token in settings.internal_tokens):
+        raise ConfigError("GATEWAY_INTERNAL_TOKENS: each token needs at least 16 characters")
+    if (
+        settings.public_port != 0
+        and settings.public_port == settings.internal_port
+        and settings.public_host == settings.internal_host
+    ):
+        raise ConfigError("GATEWAY_PUBLIC_PORT and GATEWAY_INTERNAL_PORT must differ")
+
+
+def flags_from_namespace(namespace: argparse.Namespace) -> dict[str, str | None]:
+    """The settings flags given on the command line (None where absent)."""
+    return {option.field: getattr(namespace, option.field, None) for option in OPTIONS}
+
+
+def redacted_summary(settings: Settings) -> dict[str, Any]:
+    """Settings safe to log at start-up: secrets shown only as set/unset."""
+    summary: dict[str, Any] = {}
+    secret_fields = {option.field for option in OPTIONS if option.secret}
+    for field in attrs.fields(Settings):
+        value = getattr(settings, field.name)
+        if field.name in secret_fields:
+            summary[field.name] = "set" if value else "unset"
+        elif isinstance(value, Path):
+            summary[field.name] = str(value)
+        else:
+            summary[field.name] = value
+    return summary
+
+
+def describe(options: Sequence[Option] = OPTIONS) -> str:
+    """The environment variables, for --help epilogues."""
+    return "\n".join(f"  {o.env:<40} {o.help}" for o in options)

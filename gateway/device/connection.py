@@ -1,0 +1,260 @@
+"""One device connection: sending, tool calls with their futures, expiry, closing.
+
+A ``Connection`` owns only what is its own: its pending calls, its close task
+and its expiry timer. The WebSocket is reached through a send function and a
+close function, so dispatch can be unit-tested without a socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import datetime as dt
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+import attrs
+import structlog
+
+from gateway import codes
+from gateway.codes import CloseCode
+from gateway.device import messages
+from gateway.device.frames import ToolResult
+
+SendFn = Callable[[bytes], Awaitable[None]]
+CloseFn = Callable[[int, str], Coroutine[Any, Any, Any]]
+
+log = structlog.get_logger(__name__)
+
+# Frames queued for a device before its hello_ack; bounded so a hello that
+# never completes cannot pin memory.
+MAX_FRAMES_BEFORE_ACK = 10_000
+
+
+class ConnectionGone(Exception):
+    """The device can no longer be written to."""
+
+
+class CallFailed(Exception):
+    """A tool call ended without a result from the device; ``code`` is a §2.2 code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@attrs.define(eq=False)
+class PendingCall:
+    call_id: str
+    tool: str
+    future: asyncio.Future[ToolResult]
+    timeout_s: float
+    hard_deadline: float  # loop time: the call's max_timeout_s
+    timer: asyncio.Timeout | None = None
+
+    def restart_timeout(self, loop: asyncio.AbstractEventLoop) -> None:
+        """tool_progress: the call is alive; its timeout restarts, never past the hard bound."""
+        if self.timer is not None and not self.future.done():
+            self.timer.reschedule(min(loop.time() + self.timeout_s, self.hard_deadline))
+
+
+@attrs.define(eq=False)
+class Connection:
+    """A registered device connection, keyed by (user_id, device_id)."""
+
+    user_id: str
+    device_id: str
+    agent_ids: tuple[str, ...]
+    send_fn: SendFn
+    close_fn: CloseFn
+    max_inflight_calls: int
+    connection_id: str = attrs.field(factory=lambda: str(uuid.uuid4()))
+    connected_at: dt.datetime = attrs.field(factory=lambda: dt.datetime.now(dt.UTC))
+    expires_at: float | None = None  # unix time incl. leeway
+    calls: dict[str, PendingCall] = attrs.Factory(dict)
+    frames_in: int = 0
+    frames_out: int = 0
+    close_code: int | None = None
+    close_reason: str = ""
+    _acked: bool = False
+    _before_ack: list[bytes] = attrs.Factory(list)
+    _closing: bool = False
+    _close_task: asyncio.Task[Any] | None = None
+    _expiry_handle: asyncio.TimerHandle | None = None
+    _bad_frame_times: collections.deque[float] = attrs.Factory(collections.deque)
+
+    @property
+    def closing(self) -> bool:
+        """True once the connection started to go; nothing new is given to it."""
+        return self._closing
+
+    # ------------------------------------------------------------ sending
+
+    async def send(self, frame: bytes) -> None:
+        """Send one frame; frames sent before hello_ack wait for it."""
+        if self._closing:
+            raise ConnectionGone("connection is closing")
+        if not self._acked:
+            if len(self._before_ack) >= MAX_FRAMES_BEFORE_ACK:
+                raise ConnectionGone("too many frames queued before hello_ack")
+            self._before_ack.append(frame)
+            return
+        await self._write(frame)
+
+    async def _write(self, frame: bytes) -> None:
+        try:
+            await self.send_fn(frame)
+        except (ConnectionError, RuntimeError) as exc:
+            raise ConnectionGone(str(exc)) from None
+        self.frames_out += 1
+
+    async def acknowledge(self, hello_ack: bytes) -> None:
+        """Send hello_ack, then whatever was dispatched meanwhile (PROTOCOL.md §1.2)."""
+        await self._write(hello_ack)
+        self._acked = True
+        queued, self._before_ack = self._before_ack, []
+        for frame in queued:
+            await self._write(frame)
+
+    # ------------------------------------------------------------ tool calls
+
+    async def call(
+        self, *, tool: str, args: Any, timeout_s: float, max_timeout_s: float
+    ) -> ToolResult:
+        """Send a tool_call and wait for its tool_result; raises CallFailed."""
+        if self._closing:
+            raise CallFailed(codes.DEVICE_DISCONNECTED, "the device disconnected")
+        if len(self.calls) >= self.max_inflight_calls:
+            raise CallFailed(
+                codes.TOO_MANY_CALLS,
+                f"the device already runs {self.max_inflight_calls} tool calls",
+            )
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        call = PendingCall(
+            call_id=str(uuid.uuid4()),
+            tool=tool,
+            future=loop.create_future(),
+            timeout_s=timeout_s,
+            hard_deadline=started + max_timeout_s,
+        )
+        self.calls[call.call_id] = call
+        try:
+            try:
+                await self.send(messages.tool_call(
+                    call_id=call.call_id, tool=tool, args=args, timeout_s=timeout_s))
+            except ConnectionGone:
+                raise CallFailed(codes.DEVICE_DISCONNECTED, "the device disconnected") from None
+            try:
+                async with asyncio.timeout(min(started + timeout_s, call.hard_deadline)) as timer:
+                    call.timer = timer
+                    return await call.future
+            except TimeoutError:
+                await self._cancel_call(call, "timeout")
+                raise CallFailed(
+                    codes.TIMEOUT, f"no tool_result within {timeout_s:g} s"
+                ) from None
+            except asyncio.CancelledError:
+                # The HTTP caller went away: tell the device to stop working.
+                await self._cancel_call(call, "caller_gone")
+                raise
+        finally:
+            self.calls.pop(call.call_id, None)
+
+    async def _cancel_call(self, call: PendingCall, reason: str) -> None:
+        if self._closing:
+            return
+        try:
+            async with asyncio.timeout(1.0):
+                await self.send(messages.tool_cancel(call_id=call.call_id, reason=reason))
+        except (ConnectionGone, TimeoutError):
+            pass
+
+    def resolve_call(self, result: ToolResult) -> bool:
+        """Hand a tool_result to its waiting caller; False if no such call is pending."""
+        call = self.calls.get(result.id)
+        if call is None or call.future.done():
+            return False
+        call.future.set_result(result)
+        return True
+
+    def progress_call(self, call_id: str) -> bool:
+        call = self.calls.get(call_id)
+        if call is None or call.future.done():
+            return False
+        call.restart_timeout(asyncio.get_running_loop())
+        return True
+
+    def fail_pending(self, code: str, message: str) -> int:
+        """Fail every pending call at once (callers do not wait for their timeout)."""
+        failed = 0
+        for call in list(self.calls.values()):
+            if not call.future.done():
+                call.future.set_exception(CallFailed(code, message))
+                failed += 1
+        return failed
+
+    # ------------------------------------------------------------ abuse
+
+    def note_bad_frame(self, limit_per_minute: int) -> bool:
+        """Record a refused frame; True when the device exceeded its allowance."""
+        now = time.monotonic()
+        times = self._bad_frame_times
+        times.append(now)
+        while times and now - times[0] > 60.0:
+            times.popleft()
+        return len(times) > limit_per_minute
+
+    # ------------------------------------------------------------ expiry and closing
+
+    def arm_expiry(self, expires_at: float | None) -> None:
+        """Close with 4001 when the token's exp (plus leeway) passes."""
+        if self._expiry_handle is not None:
+            self._expiry_handle.cancel()
+            self._expiry_handle = None
+        self.expires_at = expires_at
+        if expires_at is None or self._closing:
+            return
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, expires_at - time.time())
+        self._expiry_handle = loop.call_at(loop.time() + delay, self._expire)
+
+    def _expire(self) -> None:
+        self._expiry_handle = None
+        log.info("device_token_expired", user_id=self.user_id, device_id=self.device_id)
+        self.request_close(CloseCode.TOKEN_EXPIRED, "token expired")
+
+    def request_close(self, code: int, reason: str) -> None:
+        """Start closing from outside the receive loop (replacement, expiry, drain)."""
+        if self._closing:
+            return
+        self.mark_closing(code, reason)
+        self._close_task = asyncio.get_running_loop().create_task(
+            self.close_fn(code, reason), name=f"close-{self.connection_id}"
+        )
+
+    def mark_closing(self, code: int, reason: str) -> None:
+        """From now on nothing new is given to this connection."""
+        if not self._closing:
+            self._closing = True
+            self.close_code = code
+            self.close_reason = reason
+        if self._expiry_handle is not None:
+            self._expiry_handle.cancel()
+            self._expiry_handle = None
+
+    async def wait_closed(self, within_s: float) -> None:
+        """Let a close started by request_close finish its handshake (bounded)."""
+        task = self._close_task
+        if task is None:
+            return
+        try:
+            async with asyncio.timeout(within_s):
+                await asyncio.shield(task)
+        except TimeoutError:
+            task.cancel()
+        except Exception as exc:  # the socket may already be gone
+            log.debug("device_close_failed", error=repr(exc))

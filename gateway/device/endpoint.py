@@ -1,0 +1,193 @@
+"""The device WebSocket route: handshake checks, hello, receive loop, the one cleanup."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import structlog
+from aiohttp import WSMsgType, web
+
+from gateway import codes
+from gateway.auth import AuthError, bearer_token
+from gateway.codes import CloseCode
+from gateway.device import frames, messages
+from gateway.device.connection import Connection, ConnectionGone
+from gateway.device.frames import FrameError, Hello
+from gateway.device.handlers import DeviceContext, dispatch, refuse
+from gateway.services import Services, services
+
+log = structlog.get_logger(__name__)
+
+# Close-handshake budget: how long we wait for a peer to answer our close frame.
+CLOSE_TIMEOUT_S = 5.0
+# A WebSocket close reason is at most 123 bytes.
+MAX_CLOSE_REASON = 120
+
+
+def _refuse_handshake(svc: Services, status: int, error: str, detail: str) -> web.Response:
+    svc.metrics.handshakes_refused.labels(error).inc()
+    return web.json_response({"error": error, "detail": detail}, status=status)
+
+
+def _close_reason(text: str) -> bytes:
+    return text.encode()[:MAX_CLOSE_REASON]
+
+
+async def device_ws(request: web.Request) -> web.StreamResponse:
+    """GET /api/v1/ws/device — PROTOCOL.md §1."""
+    svc = services(request.app)
+    settings = svc.settings
+    if svc.draining:
+        return _refuse_handshake(svc, 503, codes.SHUTTING_DOWN, "the gateway is shutting down")
+    if svc.sockets >= settings.max_connections:
+        return _refuse_handshake(svc, 503, codes.OVER_CAPACITY,
+                                 "the gateway holds its maximum of connections")
+    token = request.query.get("token") or bearer_token(request.headers.get("Authorization"))
+    try:
+        claims = svc.authenticator.verify(token or "")
+    except AuthError as exc:
+        log.info("device_auth_refused", reason=str(exc), remote=request.remote)
+        return _refuse_handshake(svc, 401, codes.UNAUTHORIZED, str(exc))
+
+    ws = web.WebSocketResponse(
+        heartbeat=settings.heartbeat_s, autoping=True, max_msg_size=settings.max_frame_bytes,
+        timeout=CLOSE_TIMEOUT_S, decode_text=False,
+    )
+    if not ws.can_prepare(request).ok:
+        return _refuse_handshake(svc, 400, codes.BAD_REQUEST, "a WebSocket upgrade is required")
+    svc.socket_opened()
+    try:
+        await ws.prepare(request)
+        svc.metrics.connections_opened.inc()
+        with structlog.contextvars.bound_contextvars(user_id=claims.user_id):
+            hello = await _receive_hello(ws, settings.hello_timeout_s)
+            if hello is None:
+                svc.metrics.connections_closed.labels(str(ws.close_code)).inc()
+                return ws
+            with structlog.contextvars.bound_contextvars(device_id=hello.device_id):
+                await _serve_device(svc, ws, claims.user_id, claims.expires_at, hello)
+    finally:
+        svc.socket_closed()
+    return ws
+
+
+async def _receive_hello(ws: web.WebSocketResponse, timeout_s: float) -> Hello | None:
+    """The first frame must be a valid device_hello; anything else closes with 1008."""
+    try:
+        msg = await ws.receive(timeout=timeout_s)
+    except TimeoutError:
+        await _close(ws, CloseCode.POLICY, "device_hello timeout")
+        return None
+    if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
+        return None
+    if msg.type is not WSMsgType.TEXT:
+        await _close(ws, CloseCode.POLICY, "expected a device_hello text frame")
+        return None
+    try:
+        return frames.parse_hello(frames.decode(msg.data))
+    except FrameError as exc:
+        log.info("device_hello_refused", reason=exc.message)
+        await _close(ws, CloseCode.POLICY, f"bad device_hello: {exc.message}")
+        return None
+
+
+async def _close(ws: web.WebSocketResponse, code: int, reason: str) -> None:
+    with contextlib.suppress(ConnectionError, RuntimeError):
+        await ws.close(code=code, message=_close_reason(reason))
+
+
+async def _serve_device(
+    svc: Services, ws: web.WebSocketResponse, user_id: str, expires_at: float | None,
+    hello: Hello,
+) -> None:
+    settings = svc.settings
+    registry = svc.registry
+    if registry.other_device_count(user_id, hello.device_id) >= settings.max_devices_per_user:
+        log.info("device_refused_too_many", limit=settings.max_devices_per_user)
+        await _close(ws, CloseCode.TOO_MANY_DEVICES, "too_many_devices")
+        svc.metrics.connections_closed.labels(str(CloseCode.TOO_MANY_DEVICES.value)).inc()
+        return
+
+    async def send(frame: bytes) -> None:
+        await ws.send_frame(frame, WSMsgType.TEXT)
+
+    async def close(code: int, reason: str) -> None:
+        await ws.close(code=code, message=_close_reason(reason))
+
+    conn = Connection(
+        user_id=user_id, device_id=hello.device_id, agent_ids=hello.agent_ids,
+        send_fn=send, close_fn=close,
+        max_inflight_calls=settings.max_inflight_calls_per_device,
+    )
+    ctx = DeviceContext(
+        conn=conn, runs=svc.runs, authenticator=svc.authenticator, metrics=svc.metrics,
+        heartbeat_s=settings.heartbeat_s, bad_frames_per_minute=settings.bad_frames_per_minute,
+    )
+    started = time.monotonic()
+    previous = registry.register(conn)
+    svc.metrics.devices_connected.set(len(registry))
+    if previous is not None:
+        log.info("device_replaced", old_connection_id=previous.connection_id)
+        previous.request_close(CloseCode.REPLACED, "replaced")
+    conn.arm_expiry(expires_at)
+    log.info("device_connected", connection_id=conn.connection_id,
+             agent_ids=list(conn.agent_ids), replaced=previous is not None)
+    try:
+        claimed = await svc.runs.claim_for(conn, hello.agent_ids)
+        await conn.acknowledge(messages.hello_ack(
+            connection_id=conn.connection_id, heartbeat_s=settings.heartbeat_s))
+        await svc.runs.send_claimed(conn, claimed)
+        await _receive_loop(ctx, ws)
+    except ConnectionGone:
+        pass
+    except Exception as exc:
+        log.exception("device_connection_failed", error=repr(exc))
+        conn.mark_closing(CloseCode.INTERNAL_ERROR, "internal error")
+    finally:
+        await _cleanup(svc, ws, conn, started)
+
+
+async def _receive_loop(ctx: DeviceContext, ws: web.WebSocketResponse) -> None:
+    while True:
+        msg = await ws.receive()
+        if msg.type is WSMsgType.TEXT:
+            await dispatch(ctx, msg.data)
+        elif msg.type is WSMsgType.BINARY:
+            ctx.conn.frames_in += 1
+            await refuse(ctx, codes.BAD_FRAME, "binary frames are not accepted", None)
+        else:  # CLOSE, CLOSING, CLOSED, ERROR: the socket is done
+            return
+
+
+async def _cleanup(svc: Services, ws: web.WebSocketResponse, conn: Connection,
+                   started: float) -> None:
+    """Exactly this connection's things: its registration, its calls, its runs."""
+    draining = svc.draining
+    if not conn.closing:  # the peer (or the network) ended it, not us
+        conn.mark_closing(ws.close_code or CloseCode.NORMAL, "")
+    removed = svc.registry.remove(conn)
+    svc.metrics.devices_connected.set(len(svc.registry))
+    if draining:
+        failed_calls = conn.fail_pending(codes.GATEWAY_SHUTDOWN, "the gateway is shutting down")
+    else:
+        failed_calls = conn.fail_pending(codes.DEVICE_DISCONNECTED, "the device disconnected")
+    failed_runs: list[str] = []
+    try:
+        reason = (codes.RUN_ERROR_GATEWAY_SHUTDOWN if draining
+                  else codes.RUN_ERROR_DEVICE_DISCONNECTED)
+        failed_runs = [str(r) for r in await svc.runs.target_gone(conn, reason)]
+    except Exception as exc:  # the restart sweep marks them if the database is down
+        svc.metrics.db_errors.labels("device_gone").inc()
+        log.error("device_cleanup_failed", error=repr(exc))
+    if not ws.closed:
+        await _close(ws, conn.close_code or CloseCode.NORMAL, conn.close_reason)
+    await conn.wait_closed(CLOSE_TIMEOUT_S)
+    code = conn.close_code
+    svc.metrics.connections_closed.labels(str(code)).inc()
+    log.info(
+        "device_disconnected", connection_id=conn.connection_id, close_code=code,
+        reason=conn.close_reason or None, duration_s=round(time.monotonic() - started, 3),
+        frames_in=conn.frames_in, frames_out=conn.frames_out, failed_calls=failed_calls,
+        failed_runs=failed_runs, was_current=removed,
+    )

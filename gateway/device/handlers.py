@@ -1,0 +1,145 @@
+"""The device protocol at a glance: one small function per frame type, one dict.
+
+``dispatch`` validates the envelope, looks the type up in ``HANDLERS`` and
+maps every refusal to exactly one ``error`` frame; a new frame type is one
+function plus one line in ``HANDLERS``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Final
+
+import attrs
+import structlog
+
+from gateway import codes
+from gateway.auth import AuthError, DeviceAuthenticator
+from gateway.codes import CloseCode
+from gateway.device import frames, messages
+from gateway.device.connection import Connection, ConnectionGone
+from gateway.device.frames import Frame, FrameError
+from gateway.metrics import Metrics
+from gateway.runs import RunRefused, Runs
+
+log = structlog.get_logger(__name__)
+
+
+@attrs.define(eq=False)
+class DeviceContext:
+    """What a handler may touch: its own connection and the shared services."""
+
+    conn: Connection
+    runs: Runs
+    authenticator: DeviceAuthenticator
+    metrics: Metrics
+    heartbeat_s: float
+    bad_frames_per_minute: int
+
+
+Handler = Callable[[DeviceContext, Frame], Awaitable[None]]
+
+
+async def handle_tool_result(ctx: DeviceContext, frame: Frame) -> None:
+    result = frames.parse_tool_result(frame)
+    if not ctx.conn.resolve_call(result):
+        raise FrameError("no such pending call on this connection", ref=frame.type,
+                         code=codes.UNKNOWN_CALL)
+
+
+async def handle_tool_progress(ctx: DeviceContext, frame: Frame) -> None:
+    progress = frames.parse_tool_progress(frame)
+    if not ctx.conn.progress_call(progress.id):
+        raise FrameError("no such pending call on this connection", ref=frame.type,
+                         code=codes.UNKNOWN_CALL)
+
+
+async def handle_agent_data(ctx: DeviceContext, frame: Frame) -> None:
+    event = frames.parse_agent_data(frame)
+    await ctx.runs.accept_event(ctx.conn, event.run_id, event.data)
+
+
+async def handle_agent_complete(ctx: DeviceContext, frame: Frame) -> None:
+    done = frames.parse_agent_complete(frame)
+    await ctx.runs.complete(ctx.conn, done.run_id, status=done.status, errors=done.errors,
+                            result=done.result, has_result=done.has_result)
+
+
+async def handle_ping(ctx: DeviceContext, frame: Frame) -> None:
+    await ctx.conn.send(messages.PONG)
+
+
+async def handle_pong(ctx: DeviceContext, frame: Frame) -> None:
+    """Legacy heartbeat acknowledgement: liveness is the WebSocket's own ping/pong."""
+
+
+async def handle_auth_refresh(ctx: DeviceContext, frame: Frame) -> None:
+    refresh = frames.parse_auth_refresh(frame)
+    try:
+        claims = ctx.authenticator.verify(refresh.token)
+    except AuthError as exc:
+        raise FrameError(f"token refused: {exc}", ref=frame.type,
+                         code=codes.AUTH_REFRESH_REJECTED) from None
+    if claims.user_id != ctx.conn.user_id:
+        raise FrameError("token is for another user", ref=frame.type,
+                         code=codes.AUTH_REFRESH_REJECTED)
+    ctx.conn.arm_expiry(claims.expires_at)
+    log.info("device_token_refreshed", expires_at=claims.expires_at)
+
+
+async def handle_device_hello(ctx: DeviceContext, frame: Frame) -> None:
+    """A later hello: same device, new agent list, pending runs for it, a new ack."""
+    hello = frames.parse_hello(frame)
+    if hello.device_id != ctx.conn.device_id:
+        raise FrameError("device_id cannot change on a connection", ref=frame.type)
+    ctx.conn.agent_ids = hello.agent_ids
+    claimed = await ctx.runs.claim_for(ctx.conn, hello.agent_ids)
+    await ctx.conn.send(messages.hello_ack(
+        connection_id=ctx.conn.connection_id, heartbeat_s=ctx.heartbeat_s))
+    await ctx.runs.send_claimed(ctx.conn, claimed)
+
+
+HANDLERS: Final[dict[str, Handler]] = {
+    "tool_result": handle_tool_result,
+    "tool_progress": handle_tool_progress,
+    "agent_data": handle_agent_data,
+    "agent_complete": handle_agent_complete,
+    "ping": handle_ping,
+    "pong": handle_pong,
+    "auth_refresh": handle_auth_refresh,
+    "device_hello": handle_device_hello,
+}
+
+
+async def dispatch(ctx: DeviceContext, raw: bytes | str) -> None:
+    """Handle one text frame; refusals become one ``error`` frame each."""
+    conn = ctx.conn
+    conn.frames_in += 1
+    try:
+        frame = frames.decode(raw)
+        handler = HANDLERS.get(frame.type)
+        if handler is None:
+            ctx.metrics.frames_in.labels("unknown").inc()
+            log.debug("unknown_frame_type", frame_type=frame.type[:64])
+            return
+        ctx.metrics.frames_in.labels(frame.type).inc()
+        await handler(ctx, frame)
+    except FrameError as exc:
+        await refuse(ctx, exc.code, exc.message, exc.ref)
+    except RunRefused as exc:
+        await refuse(ctx, exc.code, exc.message, frame.type)
+
+
+async def refuse(ctx: DeviceContext, code: str, message: str, ref: str | None) -> None:
+    """Answer a refused frame; a device that keeps sending bad frames is closed."""
+    ctx.metrics.bad_frames.labels(code).inc()
+    log.debug("frame_refused", code=code, ref=ref, detail=message)
+    try:
+        await ctx.conn.send(messages.error(code=code, message=message, ref=ref))
+    except ConnectionGone:
+        return
+    # Only malformed frames count as abuse: a device streaming into a run that
+    # was just cancelled gets run_finished answers, not a 1008.
+    if code == codes.BAD_FRAME and ctx.conn.note_bad_frame(ctx.bad_frames_per_minute):
+        log.warning("device_abusive", bad_frames_per_minute=ctx.bad_frames_per_minute)
+        ctx.conn.request_close(CloseCode.POLICY, "too many bad frames")

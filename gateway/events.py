@@ -1,0 +1,152 @@
+"""The batched, back-pressured writer of agent_run_events.
+
+One task owned by the gateway drains a bounded buffer into PostgreSQL with one
+COPY per batch. When the buffer is full, ``put`` waits, and since the device's
+receive loop awaits ``put``, that device's socket stops being read: memory
+stays bounded and no event is ever dropped (PROTOCOL.md §3.4). Only after a
+batch is committed are its events handed to live readers, so a reader that
+subscribes and then reads the database can never miss one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import datetime as dt
+import uuid
+
+import asyncpg
+import attrs
+import structlog
+
+from gateway.live import LiveEvents
+from gateway.metrics import Metrics
+from gateway.store import Store, StoredEvent
+
+log = structlog.get_logger(__name__)
+
+EventRecord = tuple[uuid.UUID, int, str, dt.datetime]
+
+RETRY_FIRST_S = 0.05
+RETRY_MAX_S = 2.0
+
+
+@attrs.define(eq=False)
+class EventWriter:
+    store: Store
+    metrics: Metrics
+    live: LiveEvents
+    queue_max: int = 20_000
+    batch_max: int = 2000
+    _buffer: collections.deque[EventRecord] = attrs.Factory(collections.deque)
+    _enqueued: int = 0  # events ever put
+    _committed: int = 0  # events ever stored
+    _has_work: asyncio.Event = attrs.Factory(asyncio.Event)
+    _has_room: asyncio.Event = attrs.Factory(asyncio.Event)
+    _flush_waiters: list[tuple[int, asyncio.Future[None]]] = attrs.Factory(list)
+    _task: asyncio.Task[None] | None = None
+    _stopping: bool = False
+
+    def start(self) -> None:
+        self._has_room.set()
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="event-writer")
+
+    @property
+    def depth(self) -> int:
+        return len(self._buffer)
+
+    async def put(self, run_id: uuid.UUID, seq: int, data_json: str) -> None:
+        """Queue one event; waits while the buffer is full (back-pressure)."""
+        while len(self._buffer) >= self.queue_max:
+            self._has_room.clear()
+            await self._has_room.wait()
+        self._buffer.append((run_id, seq, data_json, dt.datetime.now(dt.UTC)))
+        self._enqueued += 1
+        self._has_work.set()
+
+    async def flush(self) -> None:
+        """Return once every event put before this call is committed."""
+        target = self._enqueued
+        if self._committed >= target:
+            return
+        if self._task is None or self._task.done():
+            raise RuntimeError("event writer is not running")
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._flush_waiters.append((target, future))
+        self._has_work.set()
+        await future
+
+    async def stop(self, within_s: float) -> None:
+        """Write what is buffered (within ``within_s``), then end the task."""
+        if self._task is None:
+            return
+        self._stopping = True
+        self._has_work.set()
+        try:
+            async with asyncio.timeout(within_s):
+                await asyncio.shield(self._task)
+        except TimeoutError:
+            log.error("event_writer_stop_timeout", unwritten=len(self._buffer))
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        while True:
+            if not self._buffer:
+                if self._stopping:
+                    return
+                self._has_work.clear()
+                await self._has_work.wait()
+                continue
+            count = min(len(self._buffer), self.batch_max)
+            batch = [self._buffer[i] for i in range(count)]
+            await self._write_with_retry(batch)
+            for _ in range(count):
+                self._buffer.popleft()
+            self._committed += count
+            self._has_room.set()
+            self.metrics.events_stored.inc(count)
+            self.metrics.event_batch_size.observe(count)
+            self.metrics.event_queue_depth.set(len(self._buffer))
+            self._release_flush_waiters()
+            self._publish(batch)
+
+    async def _write_with_retry(self, batch: list[EventRecord]) -> None:
+        last_seq: dict[uuid.UUID, int] = {}
+        for run_id, seq, _data, _at in batch:
+            if seq > last_seq.get(run_id, 0):
+                last_seq[run_id] = seq
+        delay = RETRY_FIRST_S
+        while True:
+            try:
+                await self.store.write_events(batch, last_seq)
+                return
+            except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
+                # Never drop: keep the batch, back off, try again. Devices stay
+                # paused meanwhile because the buffer stays full.
+                self.metrics.db_errors.labels("write_events").inc()
+                log.error("event_write_failed", error=repr(exc), batch=len(batch),
+                          retry_in_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_S)
+
+    def _release_flush_waiters(self) -> None:
+        if not self._flush_waiters:
+            return
+        still: list[tuple[int, asyncio.Future[None]]] = []
+        for target, future in self._flush_waiters:
+            if self._committed >= target:
+                if not future.done():
+                    future.set_result(None)
+            else:
+                still.append((target, future))
+        self._flush_waiters = still
+
+    def _publish(self, batch: list[EventRecord]) -> None:
+        by_run: dict[uuid.UUID, list[StoredEvent]] = {}
+        wanted = self.live.wanted
+        for run_id, seq, data, received_at in batch:
+            if wanted(run_id):
+                by_run.setdefault(run_id, []).append(StoredEvent(seq, data, received_at))
+        for run_id, events in by_run.items():
+            self.live.publish(run_id, events)

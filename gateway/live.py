@@ -1,0 +1,94 @@
+"""Live fan-out of stored events to HTTP readers of a run's stream.
+
+Each reader holds a bounded buffer. A reader that falls behind is never
+waited for (a slow reader never slows a device): its buffer is dropped and it
+is told to catch up from the database, which holds every event it missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import uuid
+from collections.abc import Sequence
+
+import attrs
+
+from gateway.store import StoredEvent
+
+
+@attrs.define(eq=False)
+class Subscription:
+    run_id: uuid.UUID
+    capacity: int
+    _events: collections.deque[StoredEvent] = attrs.Factory(collections.deque)
+    overflowed: bool = False
+    ended: bool = False
+    _signal: asyncio.Event = attrs.Factory(asyncio.Event)
+
+    def push(self, events: Sequence[StoredEvent]) -> None:
+        if self.overflowed:
+            return
+        if len(self._events) + len(events) > self.capacity:
+            # Past its bound the reader re-reads the database instead.
+            self._events.clear()
+            self.overflowed = True
+        else:
+            self._events.extend(events)
+        self._signal.set()
+
+    def end(self) -> None:
+        self.ended = True
+        self._signal.set()
+
+    async def wait(self, within_s: float) -> None:
+        """Wait for news (events, overflow, end), at most ``within_s``."""
+        try:
+            async with asyncio.timeout(within_s):
+                await self._signal.wait()
+        except TimeoutError:
+            pass
+
+    def take(self) -> tuple[list[StoredEvent], bool]:
+        """Buffered events and whether some were lost to overflow; resets both."""
+        events = list(self._events)
+        overflowed = self.overflowed
+        self._events.clear()
+        self.overflowed = False
+        self._signal.clear()
+        if self.ended:
+            self._signal.set()
+        return events, overflowed
+
+
+@attrs.define
+class LiveEvents:
+    capacity: int = 1000
+    _subscriptions: dict[uuid.UUID, set[Subscription]] = attrs.Factory(dict)
+
+    def subscribe(self, run_id: uuid.UUID) -> Subscription:
+        subscription = Subscription(run_id, self.capacity)
+        self._subscriptions.setdefault(run_id, set()).add(subscription)
+        return subscription
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        subs = self._subscriptions.get(subscription.run_id)
+        if subs is not None:
+            subs.discard(subscription)
+            if not subs:
+                del self._subscriptions[subscription.run_id]
+
+    def wanted(self, run_id: uuid.UUID) -> bool:
+        return run_id in self._subscriptions
+
+    def publish(self, run_id: uuid.UUID, events: Sequence[StoredEvent]) -> None:
+        for subscription in self._subscriptions.get(run_id, ()):
+            subscription.push(events)
+
+    def end(self, run_id: uuid.UUID) -> None:
+        for subscription in self._subscriptions.get(run_id, ()):
+            subscription.end()
+
+    @property
+    def reader_count(self) -> int:
+        return sum(len(subs) for subs in self._subscriptions.values())

@@ -1,0 +1,75 @@
+"""Prometheus metrics, one registry per gateway (tests build as many as they like)."""
+
+from __future__ import annotations
+
+import attrs
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+CALL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2000, 5000)
+
+
+def _metrics_registry() -> CollectorRegistry:
+    return CollectorRegistry(auto_describe=True)
+
+
+@attrs.define
+class Metrics:
+    """Every metric the gateway exports (PROTOCOL.md §2.4)."""
+
+    registry: CollectorRegistry = attrs.field(factory=_metrics_registry)
+    devices_connected: Gauge = attrs.field(init=False)
+    connections_opened: Counter = attrs.field(init=False)
+    connections_closed: Counter = attrs.field(init=False)
+    handshakes_refused: Counter = attrs.field(init=False)
+    frames_in: Counter = attrs.field(init=False)
+    frames_out: Counter = attrs.field(init=False)
+    bad_frames: Counter = attrs.field(init=False)
+    tool_calls: Counter = attrs.field(init=False)
+    tool_call_seconds: Histogram = attrs.field(init=False)
+    runs: Counter = attrs.field(init=False)
+    events_stored: Counter = attrs.field(init=False)
+    event_batch_size: Histogram = attrs.field(init=False)
+    event_queue_depth: Gauge = attrs.field(init=False)
+    db_errors: Counter = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        r = self.registry
+        self.devices_connected = Gauge(
+            "gateway_devices_connected", "Device WebSockets currently registered", registry=r)
+        self.connections_opened = Counter(
+            "gateway_connections_opened_total", "Device WebSockets upgraded", registry=r)
+        self.connections_closed = Counter(
+            "gateway_connections_closed_total", "Device WebSockets closed, by close code",
+            ["code"], registry=r)
+        self.handshakes_refused = Counter(
+            "gateway_handshakes_refused_total", "Device handshakes refused before the upgrade",
+            ["reason"], registry=r)
+        self.frames_in = Counter(
+            "gateway_frames_received_total", "Frames received from devices, by type",
+            ["type"], registry=r)
+        self.frames_out = Counter(
+            "gateway_frames_sent_total", "Frames sent to devices, by type", ["type"], registry=r)
+        self.bad_frames = Counter(
+            "gateway_bad_frames_total", "Device frames refused, by error code",
+            ["code"], registry=r)
+        self.tool_calls = Counter(
+            "gateway_tool_calls_total", "Tool calls, by outcome", ["outcome"], registry=r)
+        self.tool_call_seconds = Histogram(
+            "gateway_tool_call_duration_seconds", "Tool call latency, send to result",
+            buckets=CALL_BUCKETS, registry=r)
+        self.runs = Counter(
+            "gateway_runs_total", "Run status transitions, by new status", ["status"], registry=r)
+        self.events_stored = Counter(
+            "gateway_events_stored_total", "agent_data events durably stored", registry=r)
+        self.event_batch_size = Histogram(
+            "gateway_event_batch_size", "Events per database write", buckets=BATCH_BUCKETS,
+            registry=r)
+        self.event_queue_depth = Gauge(
+            "gateway_event_queue_depth", "Events waiting for the database", registry=r)
+        self.db_errors = Counter(
+            "gateway_db_errors_total", "Database operations that failed, by operation",
+            ["operation"], registry=r)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,363 @@
+"""Run lifecycle: create, dispatch, claim on hello, events, end, cancel, device gone.
+
+This module never imports ``gateway.device``: whoever dispatches hands it a
+``RunTarget`` (anything with ids, ``closing`` and an async ``send``), so the
+lifecycle can be driven by a fake sender in tests. Which runs a target feeds
+is tracked here, in memory, and cleaned up by ``target_gone``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import datetime as dt
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import asyncpg
+import attrs
+import orjson
+import structlog
+
+from gateway import codes
+from gateway.events import EventWriter
+from gateway.live import LiveEvents
+from gateway.metrics import Metrics
+from gateway.store import RunRecord, Store
+
+log = structlog.get_logger(__name__)
+
+# Remembered per target so a late frame for a run it just ended is answered
+# `run_finished` without a database round trip.
+RECENTLY_FINISHED_PER_TARGET = 256
+# Scheduler windows overlap by this much, so a run committed just after a
+# window's query is still seen by the next one.
+SCHEDULER_OVERLAP = dt.timedelta(seconds=5)
+SCHEDULER_MAX_SLEEP_S = 30.0
+
+
+class RunTarget(Protocol):
+    """A connected device a run can be dispatched to."""
+
+    @property
+    def user_id(self) -> str: ...
+    @property
+    def device_id(self) -> str: ...
+    @property
+    def connection_id(self) -> str: ...
+    @property
+    def closing(self) -> bool: ...
+    async def send(self, frame: bytes) -> None: ...
+
+
+Locate = Callable[[str, str, str | None], RunTarget | None]
+BuildAgentRun = Callable[[RunRecord], bytes]
+BuildAgentCancel = Callable[[str, str], bytes]
+
+
+class RunRefused(Exception):
+    """A device frame about a run was refused; ``code`` is unknown_run or run_finished."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class RunNotFound(Exception):
+    pass
+
+
+class RunAlreadyFinished(Exception):
+    def __init__(self, record: RunRecord) -> None:
+        super().__init__(f"run {record.id} is already {record.status}")
+        self.record = record
+
+
+@attrs.define(eq=False)
+class ActiveRun:
+    run_id: uuid.UUID
+    agent_id: str
+    target: RunTarget
+    last_seq: int
+
+
+def parse_run_id(value: str) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(value)
+    except (ValueError, TypeError, AttributeError):
+        return None
+
+
+@attrs.define(eq=False)
+class Runs:
+    store: Store
+    writer: EventWriter
+    live: LiveEvents
+    metrics: Metrics
+    instance_id: str
+    locate: Locate
+    build_agent_run: BuildAgentRun
+    build_agent_cancel: BuildAgentCancel
+    _active: dict[uuid.UUID, ActiveRun] = attrs.Factory(dict)
+    _by_target: dict[str, set[uuid.UUID]] = attrs.Factory(dict)
+    _finished_by_target: dict[str, collections.OrderedDict[uuid.UUID, None]] = attrs.Factory(
+        dict)
+    _scheduler_wake: asyncio.Event = attrs.Factory(asyncio.Event)
+
+    # ------------------------------------------------------------ start-up
+
+    async def mark_orphans(self) -> int:
+        """Runs this instance left running in an earlier life are errors now."""
+        count = await self.store.mark_orphaned_runs(
+            self.instance_id, codes.RUN_ERROR_GATEWAY_RESTARTED)
+        if count:
+            self.metrics.runs.labels("error").inc(count)
+            log.warning("orphaned_runs_marked", count=count, instance_id=self.instance_id)
+        return count
+
+    # ------------------------------------------------------------ creation and dispatch
+
+    async def create(
+        self, *, user_id: str, agent_id: str, device_id: str | None, input_value: Any,
+        scheduled_at: dt.datetime | None,
+    ) -> RunRecord:
+        record, due = await self.store.create_run(
+            run_id=uuid.uuid4(), user_id=user_id, agent_id=agent_id, device_id=device_id,
+            input_json=orjson.dumps(input_value).decode(), scheduled_at=scheduled_at,
+        )
+        self.metrics.runs.labels("pending").inc()
+        log.info("run_created", run_id=str(record.id), user_id=user_id, agent_id=agent_id,
+                 device_id=device_id, scheduled_at=record.scheduled_at.isoformat())
+        if not due:
+            self._scheduler_wake.set()
+            return record
+        target = self.locate(user_id, agent_id, device_id)
+        if target is None:
+            return record
+        dispatched = await self._dispatch(record.id, target)
+        return dispatched or record
+
+    async def _dispatch(self, run_id: uuid.UUID, target: RunTarget) -> RunRecord | None:
+        record = await self.store.dispatch_run(
+            run_id, device_id=target.device_id, instance_id=self.instance_id)
+        if record is None:  # claimed or cancelled meanwhile
+            return None
+        await self._activate(record, target)
+        return record
+
+    async def claim_for(self, target: RunTarget, agent_ids: Sequence[str]) -> list[RunRecord]:
+        """On hello, before its ack: claim the device's due pending runs (§3.3).
+
+        The caller sends hello_ack and then ``send_claimed``.
+        """
+        records = await self.store.claim_pending_runs(
+            user_id=target.user_id, device_id=target.device_id, agent_ids=agent_ids,
+            instance_id=self.instance_id)
+        claimed = []
+        for record in records:
+            if await self._activate(record, target, send=False):
+                claimed.append(record)
+        return claimed
+
+    async def send_claimed(self, target: RunTarget, records: Sequence[RunRecord]) -> None:
+        for record in records:
+            active = self._active.get(record.id)
+            if active is not None and active.target is target:  # not cancelled meanwhile
+                await self._send_run(record, target)
+
+    async def _send_run(self, record: RunRecord, target: RunTarget) -> None:
+        try:
+            await target.send(self.build_agent_run(record))
+        except Exception as exc:  # the device's own cleanup ends the run
+            log.info("run_dispatch_send_failed", run_id=str(record.id), error=repr(exc))
+
+    async def _activate(self, record: RunRecord, target: RunTarget, *, send: bool = True) -> bool:
+        """A run is now running on ``target``: track it (and send agent_run)."""
+        self.metrics.runs.labels("running").inc()
+        if target.closing:
+            # The device went while the run was being claimed: its cleanup has
+            # already looked at its runs, so this one is ended here.
+            await self._fail(record.id, codes.RUN_ERROR_DEVICE_DISCONNECTED)
+            return False
+        self._active[record.id] = ActiveRun(record.id, record.agent_id, target,
+                                            record.event_count)
+        self._by_target.setdefault(target.connection_id, set()).add(record.id)
+        log.info("run_dispatched", run_id=str(record.id), agent_id=record.agent_id,
+                 user_id=target.user_id, device_id=target.device_id)
+        if send:
+            await self._send_run(record, target)
+        return True
+
+    async def _fail(self, run_id: uuid.UUID, reason: str) -> None:
+        failed = await self.store.fail_runs([run_id], reason)
+        if failed:
+            self.metrics.runs.labels("error").inc(len(failed))
+        self.live.end(run_id)
+
+    # ------------------------------------------------------------ frames from the device
+
+    def _owned(self, target: RunTarget, run_id_text: str) -> ActiveRun | None:
+        run_id = parse_run_id(run_id_text)
+        active = self._active.get(run_id) if run_id is not None else None
+        if active is None or active.target is not target:
+            return None
+        return active
+
+    async def _refusal(self, target: RunTarget, run_id_text: str) -> RunRefused:
+        """unknown_run or run_finished, the same answer for foreign and absent runs."""
+        run_id = parse_run_id(run_id_text)
+        if run_id is None:
+            return RunRefused(codes.UNKNOWN_RUN, "no such run on this connection")
+        recent = self._finished_by_target.get(target.connection_id)
+        finished = recent is not None and run_id in recent
+        if not finished:
+            status = await self.store.run_status_for_device(
+                run_id, user_id=target.user_id, device_id=target.device_id)
+            finished = status in ("completed", "error", "cancelled")
+        if finished:
+            return RunRefused(codes.RUN_FINISHED, "the run has already ended")
+        return RunRefused(codes.UNKNOWN_RUN, "no such run on this connection")
+
+    async def accept_event(self, target: RunTarget, run_id_text: str, data: Any) -> int:
+        """Number and queue one agent_data event; returns its seq."""
+        active = self._owned(target, run_id_text)
+        if active is None:
+            raise await self._refusal(target, run_id_text)
+        active.last_seq += 1
+        seq = active.last_seq
+        await self.writer.put(active.run_id, seq, orjson.dumps(data).decode())
+        return seq
+
+    async def complete(
+        self, target: RunTarget, run_id_text: str, *, status: str, errors: Sequence[str],
+        result: Any, has_result: bool,
+    ) -> RunRecord:
+        active = self._owned(target, run_id_text)
+        if active is None:
+            raise await self._refusal(target, run_id_text)
+        self._forget(active)
+        # Reported finished only once every event is stored (§3.4).
+        await self.writer.flush()
+        record = await self.store.finish_run(
+            active.run_id, status=status, errors=errors,
+            result_json=orjson.dumps(result).decode() if has_result else None)
+        self.live.end(active.run_id)
+        if record is None:
+            raise RunRefused(codes.RUN_FINISHED, "the run has already ended")
+        self.metrics.runs.labels(status).inc()
+        self._log_end(record)
+        return record
+
+    def _forget(self, active: ActiveRun) -> None:
+        self._active.pop(active.run_id, None)
+        key = active.target.connection_id
+        ids = self._by_target.get(key)
+        if ids is not None:
+            ids.discard(active.run_id)
+            if not ids:
+                del self._by_target[key]
+        if not active.target.closing:
+            recent = self._finished_by_target.setdefault(key, collections.OrderedDict())
+            recent[active.run_id] = None
+            if len(recent) > RECENTLY_FINISHED_PER_TARGET:
+                recent.popitem(last=False)
+
+    def _log_end(self, record: RunRecord) -> None:
+        duration = None
+        if record.started_at is not None and record.finished_at is not None:
+            duration = round((record.finished_at - record.started_at).total_seconds(), 3)
+        log.info("run_finished", run_id=str(record.id), status=record.status,
+                 user_id=record.user_id, agent_id=record.agent_id, device_id=record.device_id,
+                 events=record.event_count, duration_s=duration,
+                 errors=orjson.loads(record.errors))
+
+    # ------------------------------------------------------------ the device went
+
+    def runs_of(self, target: RunTarget) -> set[uuid.UUID]:
+        return set(self._by_target.get(target.connection_id, ()))
+
+    async def target_gone(self, target: RunTarget, reason: str) -> list[uuid.UUID]:
+        """Mark error every run dispatched to *this* connection and still running."""
+        key = target.connection_id
+        self._finished_by_target.pop(key, None)
+        run_ids = self._by_target.pop(key, set())
+        for run_id in run_ids:
+            self._active.pop(run_id, None)
+        if not run_ids:
+            return []
+        await self.writer.flush()
+        failed = await self.store.fail_runs(sorted(run_ids), reason)
+        for run_id in run_ids:
+            self.live.end(run_id)
+        if failed:
+            self.metrics.runs.labels("error").inc(len(failed))
+            log.info("runs_failed", reason=reason, runs=[str(r) for r in failed],
+                     user_id=target.user_id, device_id=target.device_id)
+        return failed
+
+    async def fail_instance_runs(self, reason: str) -> int:
+        """Drain's last sweep: nothing this instance dispatched stays running."""
+        return await self.store.mark_orphaned_runs(self.instance_id, reason)
+
+    # ------------------------------------------------------------ the internal API
+
+    async def cancel(self, run_id: uuid.UUID, reason: str = "cancelled") -> RunRecord:
+        outcome = await self.store.cancel_run(run_id)
+        if outcome is None:
+            record = await self.store.get_run(run_id)
+            if record is None:
+                raise RunNotFound(str(run_id))
+            raise RunAlreadyFinished(record)
+        record, previous = outcome
+        self.metrics.runs.labels("cancelled").inc()
+        active = self._active.get(run_id)
+        if active is not None:
+            self._forget(active)
+            try:
+                await active.target.send(self.build_agent_cancel(str(run_id), reason))
+            except Exception as exc:
+                log.info("agent_cancel_send_failed", run_id=str(run_id), error=repr(exc))
+        if previous == "running":
+            await self.writer.flush()
+        self.live.end(run_id)
+        self._log_end(record)
+        return record
+
+    # ------------------------------------------------------------ scheduled runs
+
+    async def run_scheduler(self) -> None:
+        """Dispatch runs whose scheduled_at falls due while a fitting device is online.
+
+        One task for the whole gateway: it sleeps until the next scheduled run
+        (or until a new one is created) and then looks at the window of runs
+        that fell due since its last look. Runs that were due while no fitting
+        device was connected are claimed by that device's next hello instead.
+        """
+        window_start = await self.store.now()
+        while True:
+            try:
+                next_at = await self.store.next_scheduled_after(window_start)
+                now = await self.store.now()
+                sleep_s = SCHEDULER_MAX_SLEEP_S
+                if next_at is not None:
+                    sleep_s = min(sleep_s, max(0.0, (next_at - now).total_seconds()))
+                if sleep_s > 0:
+                    try:
+                        async with asyncio.timeout(sleep_s):
+                            await self._scheduler_wake.wait()
+                    except TimeoutError:
+                        pass
+                self._scheduler_wake.clear()
+                now = await self.store.now()
+                due = await self.store.pending_due_between(window_start - SCHEDULER_OVERLAP, now)
+                window_start = now
+                for run in due:
+                    target = self.locate(run.user_id, run.agent_id, run.device_id)
+                    if target is not None:
+                        await self._dispatch(run.id, target)
+            except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
+                self.metrics.db_errors.labels("scheduler").inc()
+                log.error("scheduler_failed", error=repr(exc))
+                await asyncio.sleep(1.0)

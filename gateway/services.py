@@ -1,0 +1,205 @@
+"""The gateway's shared state, created once per process (or per test) and torn down in order.
+
+Both web applications reach it through one typed ``AppKey`` and the
+``services(app)`` accessor. ``open_services`` is the single place where
+resources are created, background tasks started, and both undone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import attrs
+import orjson
+import structlog
+from aiohttp import web
+
+from gateway import codes
+from gateway.auth import DeviceAuthenticator, ServiceTokens
+from gateway.config import Settings
+from gateway.device import messages
+from gateway.device.registry import Registry
+from gateway.events import EventWriter
+from gateway.live import LiveEvents
+from gateway.metrics import Metrics
+from gateway.migrate import apply_migrations, default_migrations_dir
+from gateway.runs import Runs, RunTarget
+from gateway.store import RunRecord, Store
+
+log = structlog.get_logger(__name__)
+
+
+@attrs.frozen
+class Secrets:
+    """The secrets in force: configured, or generated for dev mode."""
+
+    jwt_secret: str | None
+    internal_tokens: tuple[str, ...]
+
+
+@attrs.define(eq=False)
+class Services:
+    settings: Settings
+    secrets: Secrets
+    pool: asyncpg.Pool
+    store: Store
+    registry: Registry
+    live: LiveEvents
+    writer: EventWriter
+    runs: Runs
+    metrics: Metrics
+    authenticator: DeviceAuthenticator
+    service_tokens: ServiceTokens
+    draining: bool = False
+    sockets: int = 0  # device sockets held, upgraded or upgrading
+    no_sockets: asyncio.Event = attrs.Factory(asyncio.Event)
+    _tasks: list[asyncio.Task[Any]] = attrs.Factory(list)
+
+    def socket_opened(self) -> None:
+        self.sockets += 1
+        self.no_sockets.clear()
+
+    def socket_closed(self) -> None:
+        self.sockets -= 1
+        if self.sockets == 0:
+            self.no_sockets.set()
+
+    def spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        """Start a background task owned by the services (cancelled on close)."""
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        task.add_done_callback(_log_task_end)
+        self._tasks.append(task)
+        return task
+
+    async def cancel_tasks(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+
+
+def _log_task_end(task: asyncio.Task[Any]) -> None:
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None:
+        log.error("background_task_failed", task=task.get_name(), error=repr(exc),
+                  exc_info=exc)
+
+
+SERVICES = web.AppKey("services", Services)
+
+
+def services(app: web.Application) -> Services:
+    return app[SERVICES]
+
+
+def _agent_run_frame(record: RunRecord) -> bytes:
+    return messages.agent_run(run_id=str(record.id), agent_id=record.agent_id,
+                              input_json=record.input)
+
+
+def _agent_cancel_frame(run_id: str, reason: str) -> bytes:
+    return messages.agent_cancel(run_id=run_id, reason=reason)
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    # Session settings every pooled connection shares.
+    await conn.execute("SET TIME ZONE 'UTC'")
+
+
+async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 10) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(
+        dsn, min_size=min_size, max_size=max_size, init=_init_connection,
+        command_timeout=60,
+    )
+    assert pool is not None
+    return pool
+
+
+@contextlib.asynccontextmanager
+async def open_services(
+    settings: Settings, secrets: Secrets, dsn: str, *, metrics: Metrics | None = None
+) -> AsyncIterator[Services]:
+    """Pool, migrations, orphan sweep, writer and scheduler; undone in reverse order."""
+    pool = await create_pool(dsn)
+    try:
+        if settings.auto_migrate:
+            async with pool.acquire() as conn:
+                applied = await apply_migrations(conn, default_migrations_dir())  # type: ignore[arg-type]
+            if applied:
+                log.info("migrations_applied", migrations=applied)
+        metrics = metrics or Metrics()
+        store = Store(pool)
+        registry = Registry()
+        live = LiveEvents(capacity=settings.subscriber_buffer)
+        writer = EventWriter(store=store, metrics=metrics, live=live,
+                             queue_max=settings.event_queue_max,
+                             batch_max=settings.event_batch_max)
+
+        def locate(user_id: str, agent_id: str, device_id: str | None) -> RunTarget | None:
+            return registry.locate_agent(user_id, agent_id, device_id)
+
+        runs = Runs(store=store, writer=writer, live=live, metrics=metrics,
+                    instance_id=settings.instance_id, locate=locate,
+                    build_agent_run=_agent_run_frame, build_agent_cancel=_agent_cancel_frame)
+        svc = Services(
+            settings=settings, secrets=secrets, pool=pool, store=store, registry=registry,
+            live=live, writer=writer, runs=runs, metrics=metrics,
+            authenticator=DeviceAuthenticator.from_settings(settings, secret=secrets.jwt_secret),
+            service_tokens=ServiceTokens.of(secrets.internal_tokens),
+        )
+        # Before any device is accepted: runs left running by our previous life.
+        await runs.mark_orphans()
+        writer.start()
+        svc.spawn(runs.run_scheduler(), "run-scheduler")
+        if settings.app_ping:
+            svc.spawn(app_ping_loop(svc), "app-ping")
+        try:
+            yield svc
+        finally:
+            await svc.cancel_tasks()
+            await writer.stop(settings.shutdown_timeout_s)
+            swept = await _sweep(runs)
+            if swept:
+                log.warning("runs_failed_at_shutdown", count=swept)
+    finally:
+        await pool.close()
+
+
+async def _sweep(runs: Runs) -> int:
+    try:
+        return await runs.fail_instance_runs(codes.RUN_ERROR_GATEWAY_SHUTDOWN)
+    except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
+        log.error("shutdown_sweep_failed", error=repr(exc))
+        return 0
+
+
+async def app_ping_loop(svc: Services) -> None:
+    """Legacy application heartbeat: {"type": "ping"} to every device each interval.
+
+    Not a liveness check (aiohttp's WebSocket heartbeat is): old Electron
+    builds simply expect the frame. One task for all devices, not one each.
+    """
+    interval = svc.settings.heartbeat_s
+    while True:
+        await asyncio.sleep(interval)
+        sent = 0
+        for conn in svc.registry:
+            if conn.closing:
+                continue
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(1.0):
+                    await conn.send(messages.PING)
+                    sent += 1
+            if sent % 500 == 0:
+                await asyncio.sleep(0)  # let other work in between large fan-outs
+        svc.metrics.frames_out.labels("ping").inc(sent)
+
+
+def json_dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()

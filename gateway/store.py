@@ -1,0 +1,332 @@
+"""Every SQL statement of the gateway, as named constants, over one asyncpg pool.
+
+This module knows SQL and nothing else: no sockets, no HTTP. JSON values are
+passed to PostgreSQL as text (``$n::jsonb``) and read back as text, so a stored
+event can be streamed to a reader without being decoded and encoded again.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import asyncpg
+import attrs
+import orjson
+
+FINAL_STATUSES = frozenset({"completed", "error", "cancelled"})
+RUN_STATUSES = frozenset({"pending", "running", *FINAL_STATUSES})
+
+def _run_columns(table: str = "") -> str:
+    """The run record's columns, JSON as text (optionally qualified by a table alias)."""
+    t = f"{table}." if table else ""
+    return (
+        f"{t}id, {t}user_id, {t}agent_id, {t}device_id, {t}status, {t}input::text AS input, "
+        f"{t}result::text AS result, {t}errors::text AS errors, {t}scheduled_at, "
+        f"{t}started_at, {t}finished_at, {t}event_count, {t}gateway_instance, "
+        f"{t}created_at, {t}updated_at"
+    )
+
+
+RUN_COLUMNS = _run_columns()
+
+SELECT_ONE = "SELECT 1"
+
+MARK_ORPHANED_RUNS = """
+UPDATE agent_run_logs
+   SET status = 'error', errors = errors || jsonb_build_array($2::text),
+       finished_at = now(), updated_at = now()
+ WHERE status = 'running' AND gateway_instance = $1
+RETURNING id
+"""
+
+INSERT_RUN = f"""
+INSERT INTO agent_run_logs (id, user_id, agent_id, device_id, input, scheduled_at)
+VALUES ($1, $2, $3, $4, $5::jsonb, COALESCE($6, now()))
+RETURNING {RUN_COLUMNS}, scheduled_at <= now() AS due
+"""
+
+# Dispatch one pending run (at creation, or by the scheduler) to a device.
+DISPATCH_RUN = f"""
+UPDATE agent_run_logs
+   SET status = 'running', device_id = $2, gateway_instance = $3,
+       started_at = now(), updated_at = now()
+ WHERE id = $1 AND status = 'pending' AND scheduled_at <= now()
+RETURNING {RUN_COLUMNS}
+"""
+
+# §3.3: claim a device's due pending runs. SKIP LOCKED keeps two gateway
+# processes from ever dispatching the same run.
+CLAIM_PENDING_RUNS = f"""
+UPDATE agent_run_logs
+   SET status = 'running', device_id = $2, gateway_instance = $4,
+       started_at = now(), updated_at = now()
+ WHERE id IN (
+        SELECT id FROM agent_run_logs
+         WHERE status = 'pending' AND user_id = $1 AND agent_id = ANY($3::text[])
+           AND (device_id IS NULL OR device_id = $2) AND scheduled_at <= now()
+         ORDER BY scheduled_at, created_at
+           FOR UPDATE SKIP LOCKED)
+RETURNING {RUN_COLUMNS}
+"""
+
+# The scheduler's window: pending runs that fell due in (after, until].
+PENDING_DUE_BETWEEN = """
+SELECT id, user_id, agent_id, device_id FROM agent_run_logs
+ WHERE status = 'pending' AND scheduled_at > $1 AND scheduled_at <= $2
+ ORDER BY scheduled_at
+"""
+
+NEXT_SCHEDULED_AFTER = """
+SELECT min(scheduled_at) FROM agent_run_logs WHERE status = 'pending' AND scheduled_at > $1
+"""
+
+DATABASE_NOW = "SELECT now()"
+
+FINISH_RUN = f"""
+UPDATE agent_run_logs
+   SET status = $2, errors = errors || $3::jsonb, result = $4::jsonb,
+       finished_at = now(), updated_at = now()
+ WHERE id = $1 AND status = 'running'
+RETURNING {RUN_COLUMNS}
+"""
+
+FAIL_RUNS = """
+UPDATE agent_run_logs
+   SET status = 'error', errors = errors || jsonb_build_array($2::text),
+       finished_at = now(), updated_at = now()
+ WHERE id = ANY($1::uuid[]) AND status = 'running'
+RETURNING id
+"""
+
+CANCEL_RUN = f"""
+WITH previous AS (
+    SELECT id, status FROM agent_run_logs WHERE id = $1 FOR UPDATE
+)
+UPDATE agent_run_logs AS r
+   SET status = 'cancelled', finished_at = now(), updated_at = now()
+  FROM previous
+ WHERE r.id = previous.id AND previous.status IN ('pending', 'running')
+RETURNING {_run_columns("r")}, previous.status AS previous_status
+"""
+
+GET_RUN = f"SELECT {RUN_COLUMNS} FROM agent_run_logs WHERE id = $1"
+
+LIST_RUNS = f"""
+SELECT {RUN_COLUMNS} FROM agent_run_logs
+ WHERE user_id = $1 AND ($2::text IS NULL OR status = $2)
+ ORDER BY created_at DESC, id DESC
+ LIMIT $3
+"""
+
+RUN_STATUS_FOR_DEVICE = """
+SELECT status FROM agent_run_logs WHERE id = $1 AND user_id = $2 AND device_id = $3
+"""
+
+EVENTS_AFTER = """
+SELECT seq, data::text AS data, received_at FROM agent_run_events
+ WHERE run_id = $1 AND seq > $2
+ ORDER BY seq
+ LIMIT $3
+"""
+
+EVENT_COLUMNS = ("run_id", "seq", "data", "received_at")
+
+# After a COPY of events, keep agent_run_logs.event_count equal to what is stored.
+BUMP_EVENT_COUNTS = """
+UPDATE agent_run_logs AS r
+   SET event_count = GREATEST(r.event_count, c.last_seq)
+  FROM unnest($1::uuid[], $2::int[]) AS c(run_id, last_seq)
+ WHERE r.id = c.run_id
+"""
+
+
+@attrs.frozen
+class RunRecord:
+    """One row of agent_run_logs; JSON columns kept as the text PostgreSQL gave."""
+
+    id: uuid.UUID
+    user_id: str
+    agent_id: str
+    device_id: str | None
+    status: str
+    input: str
+    result: str | None
+    errors: str
+    scheduled_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+    event_count: int
+    gateway_instance: str | None
+    created_at: dt.datetime
+    updated_at: dt.datetime
+
+    @classmethod
+    def of(cls, row: asyncpg.Record) -> RunRecord:
+        return cls(**{field.name: row[field.name] for field in attrs.fields(cls)})
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINAL_STATUSES
+
+    def input_value(self) -> Any:
+        return orjson.loads(self.input)
+
+    def as_json(self) -> dict[str, Any]:
+        """The record as the internal API shows it (PROTOCOL.md §2.3)."""
+        return {
+            "run_id": str(self.id),
+            "user_id": self.user_id,
+            "agent_id": self.agent_id,
+            "device_id": self.device_id,
+            "status": self.status,
+            "input": orjson.Fragment(self.input),
+            "result": orjson.Fragment(self.result) if self.result is not None else None,
+            "errors": orjson.Fragment(self.errors),
+            "scheduled_at": _iso(self.scheduled_at),
+            "started_at": _iso(self.started_at),
+            "finished_at": _iso(self.finished_at),
+            "event_count": self.event_count,
+            "gateway_instance": self.gateway_instance,
+            "created_at": _iso(self.created_at),
+            "updated_at": _iso(self.updated_at),
+        }
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+@attrs.frozen
+class StoredEvent:
+    seq: int
+    data: str  # JSON text
+    received_at: dt.datetime
+
+    def as_json_bytes(self) -> bytes:
+        return orjson.dumps(
+            {"seq": self.seq, "data": orjson.Fragment(self.data),
+             "received_at": self.received_at.isoformat()}
+        )
+
+
+@attrs.frozen
+class PendingDue:
+    id: uuid.UUID
+    user_id: str
+    agent_id: str
+    device_id: str | None
+
+
+@attrs.frozen
+class Store:
+    """Raw asyncpg SQL over a pool."""
+
+    pool: asyncpg.Pool
+
+    async def ping(self) -> None:
+        await self.pool.fetchval(SELECT_ONE)
+
+    async def now(self) -> dt.datetime:
+        value: dt.datetime = await self.pool.fetchval(DATABASE_NOW)
+        return value
+
+    async def mark_orphaned_runs(self, instance_id: str, reason: str) -> int:
+        rows = await self.pool.fetch(MARK_ORPHANED_RUNS, instance_id, reason)
+        return len(rows)
+
+    async def create_run(
+        self, *, run_id: uuid.UUID, user_id: str, agent_id: str, device_id: str | None,
+        input_json: str, scheduled_at: dt.datetime | None,
+    ) -> tuple[RunRecord, bool]:
+        """Insert a pending run; returns it and whether it is already due."""
+        row = await self.pool.fetchrow(
+            INSERT_RUN, run_id, user_id, agent_id, device_id, input_json, scheduled_at
+        )
+        assert row is not None
+        return RunRecord.of(row), bool(row["due"])
+
+    async def dispatch_run(
+        self, run_id: uuid.UUID, *, device_id: str, instance_id: str
+    ) -> RunRecord | None:
+        row = await self.pool.fetchrow(DISPATCH_RUN, run_id, device_id, instance_id)
+        return RunRecord.of(row) if row is not None else None
+
+    async def claim_pending_runs(
+        self, *, user_id: str, device_id: str, agent_ids: Sequence[str], instance_id: str
+    ) -> list[RunRecord]:
+        if not agent_ids:
+            return []
+        rows = await self.pool.fetch(
+            CLAIM_PENDING_RUNS, user_id, device_id, list(agent_ids), instance_id
+        )
+        records = [RunRecord.of(row) for row in rows]
+        records.sort(key=lambda r: (r.scheduled_at, r.created_at))
+        return records
+
+    async def pending_due_between(
+        self, after: dt.datetime, until: dt.datetime
+    ) -> list[PendingDue]:
+        rows = await self.pool.fetch(PENDING_DUE_BETWEEN, after, until)
+        return [PendingDue(row["id"], row["user_id"], row["agent_id"], row["device_id"])
+                for row in rows]
+
+    async def next_scheduled_after(self, moment: dt.datetime) -> dt.datetime | None:
+        value: dt.datetime | None = await self.pool.fetchval(NEXT_SCHEDULED_AFTER, moment)
+        return value
+
+    async def finish_run(
+        self, run_id: uuid.UUID, *, status: str, errors: Sequence[str], result_json: str | None
+    ) -> RunRecord | None:
+        row = await self.pool.fetchrow(
+            FINISH_RUN, run_id, status, orjson.dumps(list(errors)).decode(), result_json
+        )
+        return RunRecord.of(row) if row is not None else None
+
+    async def fail_runs(self, run_ids: Sequence[uuid.UUID], reason: str) -> list[uuid.UUID]:
+        if not run_ids:
+            return []
+        rows = await self.pool.fetch(FAIL_RUNS, list(run_ids), reason)
+        return [row["id"] for row in rows]
+
+    async def cancel_run(self, run_id: uuid.UUID) -> tuple[RunRecord, str] | None:
+        """Cancel a pending or running run; returns it and its previous status."""
+        row = await self.pool.fetchrow(CANCEL_RUN, run_id)
+        if row is None:
+            return None
+        return RunRecord.of(row), row["previous_status"]
+
+    async def get_run(self, run_id: uuid.UUID) -> RunRecord | None:
+        row = await self.pool.fetchrow(GET_RUN, run_id)
+        return RunRecord.of(row) if row is not None else None
+
+    async def list_runs(self, *, user_id: str, status: str | None, limit: int) -> list[RunRecord]:
+        rows = await self.pool.fetch(LIST_RUNS, user_id, status, limit)
+        return [RunRecord.of(row) for row in rows]
+
+    async def run_status_for_device(
+        self, run_id: uuid.UUID, *, user_id: str, device_id: str
+    ) -> str | None:
+        status: str | None = await self.pool.fetchval(
+            RUN_STATUS_FOR_DEVICE, run_id, user_id, device_id
+        )
+        return status
+
+    async def events_after(self, run_id: uuid.UUID, after: int, limit: int) -> list[StoredEvent]:
+        rows = await self.pool.fetch(EVENTS_AFTER, run_id, after, limit)
+        return [StoredEvent(row["seq"], row["data"], row["received_at"]) for row in rows]
+
+    async def write_events(
+        self, records: Sequence[tuple[uuid.UUID, int, str, dt.datetime]],
+        last_seq_by_run: dict[uuid.UUID, int],
+    ) -> None:
+        """Store a batch of events with one COPY and bump the runs' event counts."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.copy_records_to_table(
+                "agent_run_events", records=records, columns=EVENT_COLUMNS
+            )
+            await conn.execute(
+                BUMP_EVENT_COUNTS, list(last_seq_by_run), list(last_seq_by_run.values())
+            )

@@ -1,0 +1,81 @@
+"""A run's event stream for HTTP readers: stored events, then live ones, then the end.
+
+The reader subscribes *before* it reads the database. The event writer hands
+events to subscribers only after they are committed, so every event is either
+already in the database when it is read or arrives live afterwards: no gap.
+Duplicates at the switch are dropped by ``seq``.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import orjson
+from aiohttp import web
+
+from gateway.services import Services
+from gateway.store import RunRecord, StoredEvent
+
+EVENTS_PAGE = 1000
+# A reader of a run fed through another gateway process gets no live pushes:
+# it looks at the database this often.
+POLL_S = 1.0
+
+
+def _ndjson(events: list[StoredEvent]) -> bytes:
+    return b"".join(event.as_json_bytes() + b"\n" for event in events)
+
+
+def _sse(events: list[StoredEvent]) -> bytes:
+    return b"".join(
+        b"id: %d\nevent: agent_data\ndata: %s\n\n" % (event.seq, event.as_json_bytes())
+        for event in events
+    )
+
+
+def _sse_end(record: RunRecord) -> bytes:
+    return b"event: end\ndata: %s\n\n" % orjson.dumps(record.as_json())
+
+
+async def stream_run_events(
+    request: web.Request, svc: Services, run_id: uuid.UUID, *, after: int, sse: bool
+) -> web.StreamResponse:
+    encode = _sse if sse else _ndjson
+    response = web.StreamResponse(headers={
+        "Content-Type": "text/event-stream" if sse else "application/x-ndjson",
+        "Cache-Control": "no-cache",
+        "X-Accel-Buffering": "no",
+    })
+    subscription = svc.live.subscribe(run_id)
+    try:
+        await response.prepare(request)
+        last = after
+        record: RunRecord | None = None
+        catch_up = True
+        while True:
+            if catch_up:
+                # The record first: if it says finished, everything is stored.
+                record = await svc.store.get_run(run_id)
+                while True:
+                    events = await svc.store.events_after(run_id, last, EVENTS_PAGE)
+                    if events:
+                        await response.write(encode(events))
+                        last = events[-1].seq
+                    if len(events) < EVENTS_PAGE:
+                        break
+                if record is None or record.finished:
+                    break
+            await subscription.wait(POLL_S)
+            buffered, overflowed = subscription.take()
+            fresh = [event for event in buffered if event.seq > last]
+            if fresh and not overflowed:
+                await response.write(encode(fresh))
+                last = fresh[-1].seq
+            # Back to the database after an overflow, at the end, or on a quiet poll.
+            catch_up = overflowed or subscription.ended or not buffered
+        if sse and record is not None:
+            await response.write(_sse_end(record))
+        await response.write_eof()
+    finally:
+        svc.live.unsubscribe(subscription)
+    return response
