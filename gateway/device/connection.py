@@ -148,8 +148,9 @@ class Connection:
                     call_id=call.call_id, tool=tool, args=args, timeout_s=timeout_s))
             except ConnectionGone:
                 raise CallFailed(codes.DEVICE_DISCONNECTED, "the device disconnected") from None
+            first_deadline = min(started + timeout_s, call.hard_deadline)
             try:
-                async with asyncio.timeout(min(started + timeout_s, call.hard_deadline)) as timer:
+                async with asyncio.timeout_at(first_deadline) as timer:
                     call.timer = timer
                     return await call.future
             except TimeoutError:
