@@ -312,18 +312,35 @@ class Runs:
             raise RunAlreadyFinished(record)
         record, previous = outcome
         self.metrics.runs.labels("cancelled").inc()
-        active = self._active.get(run_id)
-        if active is not None:
-            self._forget(active)
-            try:
-                await active.target.send(self.build_agent_cancel(str(run_id), reason))
-            except Exception as exc:
-                log.info("agent_cancel_send_failed", run_id=str(run_id), error=repr(exc))
         if previous == "running":
+            if run_id in self._active:
+                await self._stop_active(run_id, reason)
+            else:  # its device may be connected to another gateway process
+                await self.store.notify_run_cancelled(run_id)
             await self.writer.flush()
         self.live.end(run_id)
         self._log_end(record)
         return record
+
+    async def _stop_active(self, run_id: uuid.UUID, reason: str) -> None:
+        """Stop tracking a cancelled run and tell its device."""
+        active = self._active.get(run_id)
+        if active is None:
+            return
+        self._forget(active)
+        try:
+            await active.target.send(self.build_agent_cancel(str(run_id), reason))
+        except Exception as exc:
+            log.info("agent_cancel_send_failed", run_id=str(run_id), error=repr(exc))
+
+    async def cancelled_elsewhere(self, run_id_text: str) -> None:
+        """Another gateway process cancelled a run: if our device feeds it, stop it."""
+        run_id = parse_run_id(run_id_text)
+        if run_id is None or run_id not in self._active:
+            return
+        await self._stop_active(run_id, "cancelled")
+        await self.writer.flush()
+        self.live.end(run_id)
 
     # ------------------------------------------------------------ scheduled runs
 

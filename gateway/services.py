@@ -28,7 +28,7 @@ from gateway.live import LiveEvents
 from gateway.metrics import Metrics
 from gateway.migrate import apply_migrations, default_migrations_dir
 from gateway.runs import Runs, RunTarget
-from gateway.store import RunRecord, Store
+from gateway.store import RUN_CANCELLED_CHANNEL, RunRecord, Store
 
 log = structlog.get_logger(__name__)
 
@@ -157,6 +157,7 @@ async def open_services(
         await runs.mark_orphans()
         writer.start()
         svc.spawn(runs.run_scheduler(), "run-scheduler")
+        svc.spawn(listen_for_cancels(runs, metrics, dsn), "cancel-listener")
         if settings.app_ping:
             svc.spawn(app_ping_loop(svc), "app-ping")
         try:
@@ -177,6 +178,39 @@ async def _sweep(runs: Runs) -> int:
     except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
         log.error("shutdown_sweep_failed", error=repr(exc))
         return 0
+
+
+CANCEL_QUEUE_MAX = 10_000
+
+
+async def listen_for_cancels(runs: Runs, metrics: Metrics, dsn: str) -> None:
+    """LISTEN for runs cancelled through any gateway process; stop ours among them."""
+    queue: asyncio.Queue[str] = asyncio.Queue(maxsize=CANCEL_QUEUE_MAX)
+
+    def on_notify(_conn: Any, _pid: int, _channel: str, payload: object) -> None:
+        try:
+            queue.put_nowait(str(payload))
+        except asyncio.QueueFull:
+            log.warning("cancel_notification_dropped", run_id=payload)
+
+    while True:
+        try:
+            conn = await asyncpg.connect(dsn)
+            try:
+                await conn.add_listener(RUN_CANCELLED_CHANNEL, on_notify)
+                while not conn.is_closed():
+                    try:
+                        async with asyncio.timeout(5.0):
+                            payload = await queue.get()
+                    except TimeoutError:
+                        continue  # look at the connection again
+                    await runs.cancelled_elsewhere(payload)
+            finally:
+                await conn.close()
+        except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
+            metrics.db_errors.labels("cancel_listener").inc()
+            log.error("cancel_listener_failed", error=repr(exc))
+            await asyncio.sleep(1.0)
 
 
 async def app_ping_loop(svc: Services) -> None:

@@ -112,6 +112,11 @@ UPDATE agent_run_logs AS r
 RETURNING {_run_columns("r")}, previous.status AS previous_status
 """
 
+# Tells every gateway process that a run was cancelled, so the one whose
+# device feeds it sends agent_cancel (the run may live on another process).
+RUN_CANCELLED_CHANNEL = "gateway_run_cancelled"
+NOTIFY_RUN_CANCELLED = f"SELECT pg_notify('{RUN_CANCELLED_CHANNEL}', $1)"
+
 GET_RUN = f"SELECT {RUN_COLUMNS} FROM agent_run_logs WHERE id = $1"
 
 LIST_RUNS = f"""
@@ -297,6 +302,9 @@ class Store:
         if row is None:
             return None
         return RunRecord.of(row), row["previous_status"]
+
+    async def notify_run_cancelled(self, run_id: uuid.UUID) -> None:
+        await self.pool.execute(NOTIFY_RUN_CANCELLED, str(run_id))
 
     async def get_run(self, run_id: uuid.UUID) -> RunRecord | None:
         row = await self.pool.fetchrow(GET_RUN, run_id)
