@@ -27,6 +27,8 @@ log = structlog.get_logger(__name__)
 
 PREFIX = "/internal/v1"
 MAX_TIMEOUT_S = 3600.0
+# The device sees timeout_ms; below 1 ms it would read 0 ("no timeout" to some).
+MIN_TIMEOUT_S = 0.001
 MAX_HARD_TIMEOUT_S = 24 * 3600.0
 LIST_LIMIT_DEFAULT = 50
 LIST_LIMIT_MAX = 1000
@@ -79,7 +81,10 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         if exc.status < 400:
             raise
         code = HTTP_ERROR_CODES.get(exc.status, codes.BAD_REQUEST)
-        return error_response(exc.status, code, exc.reason)
+        response = error_response(exc.status, code, exc.reason)
+        if "Allow" in exc.headers:  # a 405 must say which methods work (RFC 9110 §15.5.6)
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
     except asyncio.CancelledError:
         raise
     except Exception as exc:
@@ -152,8 +157,8 @@ def _seconds(body: dict[str, Any], name: str, default: float, maximum: float) ->
     if value is None:
         return default
     if (not isinstance(value, int | float) or isinstance(value, bool)
-            or not math.isfinite(value) or value <= 0):
-        raise _bad(f"'{name}' must be a positive number of seconds")
+            or not math.isfinite(value) or value < MIN_TIMEOUT_S):
+        raise _bad(f"'{name}' must be a number of seconds, at least {MIN_TIMEOUT_S:g}")
     if value > maximum:
         raise _bad(f"'{name}' must be at most {maximum:g}")
     return float(value)

@@ -155,9 +155,11 @@ class Connection:
                     return await call.future
             except TimeoutError:
                 await self._cancel_call(call, "timeout")
-                raise CallFailed(
-                    codes.TIMEOUT, f"no tool_result within {timeout_s:g} s"
-                ) from None
+                if loop.time() >= call.hard_deadline:
+                    detail = f"the call ran past its max_timeout_s of {max_timeout_s:g} s"
+                else:
+                    detail = f"no tool_result or tool_progress within {timeout_s:g} s"
+                raise CallFailed(codes.TIMEOUT, detail) from None
             except asyncio.CancelledError:
                 # The HTTP caller went away: tell the device to stop working.
                 await self._cancel_call(call, "caller_gone")

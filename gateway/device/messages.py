@@ -24,7 +24,8 @@ def hello_ack(*, connection_id: str, heartbeat_s: float) -> bytes:
 def tool_call(*, call_id: str, tool: str, args: Any, timeout_s: float) -> bytes:
     return orjson.dumps({
         "type": "tool_call", "id": call_id, "tool": tool, "args": args,
-        "timeout_ms": int(timeout_s * 1000),
+        # round, not int(): 1.005 s * 1000 is 1004.999… in binary floating point.
+        "timeout_ms": round(timeout_s * 1000),
     })
 
 
