@@ -58,6 +58,11 @@ async def drain(svc: Services) -> None:
     """Close every device with 1001 and wait until each one's cleanup has run."""
     for conn in list(svc.registry):
         conn.request_close(CloseCode.GOING_AWAY, "gateway shutting down")
+    # Sockets still in their hello would otherwise hold the drain for the hello timeout.
+    await asyncio.gather(*(
+        ws.close(code=CloseCode.GOING_AWAY, message=b"gateway shutting down")
+        for ws in list(svc.hello_sockets)
+    ), return_exceptions=True)
     if svc.sockets > 0:
         await svc.no_sockets.wait()
 

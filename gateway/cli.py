@@ -121,7 +121,7 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
         return 1
     finally:
         stop_db()
-    print("applied: " + ", ".join(applied) if applied else "database is up to date")
+    log.info("migrate_finished", applied=applied, up_to_date=not applied)
     return 0
 
 
@@ -129,7 +129,8 @@ def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
     from gateway.auth import mint_device_token
     from gateway.devmode import resolve_secrets
 
-    secret = resolve_secrets(settings).jwt_secret
+    # A configured secret is used as given; only dev mode reads (or makes) the dev one.
+    secret = settings.jwt_secret or resolve_secrets(settings).jwt_secret
     algorithm = next((a for a in settings.jwt_algorithms if a.startswith("HS")), None)
     if secret is None or algorithm is None:
         raise ConfigError("token needs an HS* algorithm and GATEWAY_JWT_SECRET (or dev mode)")

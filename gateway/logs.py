@@ -19,9 +19,10 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, StreamResponse
 from yarl import URL
 
-SECRET_KEYS = frozenset(
-    {"token", "jwt", "secret", "password", "authorization", "jwt_secret", "internal_tokens"}
-)
+SECRET_KEYS = frozenset({
+    "token", "access_token", "id_token", "refresh_token", "jwt", "secret", "password",
+    "authorization", "api_key", "apikey", "key", "jwt_secret", "internal_tokens",
+})
 REDACTED = "[redacted]"
 
 

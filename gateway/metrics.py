@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -32,6 +34,10 @@ class Metrics:
     event_batch_size: Histogram = attrs.field(init=False)
     event_queue_depth: Gauge = attrs.field(init=False)
     db_errors: Counter = attrs.field(init=False)
+    # Labelled children cached: .labels() takes a lock and builds a key per call,
+    # too much for a per-frame path.
+    _frames_in_by_type: dict[str, Any] = attrs.field(init=False, factory=dict)
+    _frames_out_by_type: dict[str, Any] = attrs.field(init=False, factory=dict)
 
     def __attrs_post_init__(self) -> None:
         r = self.registry
@@ -70,6 +76,18 @@ class Metrics:
         self.db_errors = Counter(
             "gateway_db_errors_total", "Database operations that failed, by operation",
             ["operation"], registry=r)
+
+    def frame_in(self, frame_type: str) -> None:
+        child = self._frames_in_by_type.get(frame_type)
+        if child is None:
+            child = self._frames_in_by_type[frame_type] = self.frames_in.labels(frame_type)
+        child.inc()
+
+    def frame_out(self, frame_type: str) -> None:
+        child = self._frames_out_by_type.get(frame_type)
+        if child is None:
+            child = self._frames_out_by_type[frame_type] = self.frames_out.labels(frame_type)
+        child.inc()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

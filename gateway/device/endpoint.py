@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 
@@ -61,12 +62,17 @@ async def device_ws(request: web.Request) -> web.StreamResponse:
         await ws.prepare(request)
         svc.metrics.connections_opened.inc()
         with structlog.contextvars.bound_contextvars(user_id=claims.user_id):
-            hello = await _receive_hello(ws, settings.hello_timeout_s)
+            svc.hello_sockets.add(ws)
+            try:
+                hello = await _receive_hello(ws, settings.hello_timeout_s)
+            finally:
+                svc.hello_sockets.discard(ws)
             if hello is None:
                 svc.metrics.connections_closed.labels(str(ws.close_code)).inc()
                 return ws
             with structlog.contextvars.bound_contextvars(device_id=hello.device_id):
-                await _serve_device(svc, ws, claims.user_id, claims.expires_at, hello)
+                await _serve_device(svc, ws, claims.user_id, claims.expires_at, hello,
+                                    request.transport)
     finally:
         svc.socket_closed()
     return ws
@@ -99,7 +105,7 @@ async def _close(ws: web.WebSocketResponse, code: int, reason: str) -> None:
 
 async def _serve_device(
     svc: Services, ws: web.WebSocketResponse, user_id: str, expires_at: float | None,
-    hello: Hello,
+    hello: Hello, transport: asyncio.Transport | None,
 ) -> None:
     settings = svc.settings
     registry = svc.registry
@@ -109,11 +115,23 @@ async def _serve_device(
         svc.metrics.connections_closed.labels(str(CloseCode.TOO_MANY_DEVICES.value)).inc()
         return
 
+    count_out = svc.metrics.frame_out
+
     async def send(frame: bytes) -> None:
         await ws.send_frame(frame, WSMsgType.TEXT)
+        count_out(messages.frame_type(frame))
 
     async def close(code: int, reason: str) -> None:
-        await ws.close(code=code, message=_close_reason(reason))
+        closing = asyncio.ensure_future(ws.close(code=code, message=_close_reason(reason)))
+        # Waited for, never cancelled: a close stuck in aiohttp's drain shares one
+        # future with every send stuck there, and cancelling it cancels them all.
+        await asyncio.wait([closing], timeout=CLOSE_TIMEOUT_S)
+        if not closing.done() and transport is not None:
+            # Not even the close frame could be written: the peer stopped reading and
+            # its TCP window is full. Drop it, or this handler (its cleanup, the drain)
+            # would wait for as long as the kernel keeps probing the window.
+            transport.abort()
+        await closing
 
     conn = Connection(
         user_id=user_id, device_id=hello.device_id, agent_ids=hello.agent_ids,
@@ -145,7 +163,16 @@ async def _serve_device(
         log.exception("device_connection_failed", error=repr(exc))
         conn.mark_closing(CloseCode.INTERNAL_ERROR, "internal error")
     finally:
-        await _cleanup(svc, ws, conn, started)
+        # aiohttp cancels the handler of a peer that went away (handler_cancellation,
+        # always on in its test server) and at shutdown; the cleanup must still finish,
+        # or the device's runs stay `running` until the next restart (§1.7). So it runs
+        # as its own task, which the handler still awaits when cancelled.
+        cleanup = asyncio.ensure_future(_cleanup(svc, ws, conn, started))
+        try:
+            await asyncio.shield(cleanup)
+        except asyncio.CancelledError:
+            await cleanup
+            raise
 
 
 async def _receive_loop(ctx: DeviceContext, ws: web.WebSocketResponse) -> None:

@@ -119,10 +119,10 @@ async def dispatch(ctx: DeviceContext, raw: bytes | str) -> None:
         frame = frames.decode(raw)
         handler = HANDLERS.get(frame.type)
         if handler is None:
-            ctx.metrics.frames_in.labels("unknown").inc()
+            ctx.metrics.frame_in("unknown")
             log.debug("unknown_frame_type", frame_type=frame.type[:64])
             return
-        ctx.metrics.frames_in.labels(frame.type).inc()
+        ctx.metrics.frame_in(frame.type)
         await handler(ctx, frame)
     except FrameError as exc:
         await refuse(ctx, exc.code, exc.message, exc.ref)

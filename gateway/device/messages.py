@@ -12,6 +12,17 @@ PING: Final = b'{"type":"ping"}'
 PONG: Final = b'{"type":"pong"}'
 
 
+_TYPE_PREFIX = b'{"type":"'
+
+
+def frame_type(frame: bytes) -> str:
+    """The type of a frame built here (each starts with its "type" key)."""
+    if not frame.startswith(_TYPE_PREFIX):
+        return "unknown"
+    end = frame.find(b'"', len(_TYPE_PREFIX))
+    return frame[len(_TYPE_PREFIX):end].decode() if end > 0 else "unknown"
+
+
 def hello_ack(*, connection_id: str, heartbeat_s: float) -> bytes:
     return orjson.dumps({
         "type": "hello_ack",
