@@ -74,7 +74,10 @@ class Device:
 
     async def recv(self, timeout: float = RECV_TIMEOUT_S) -> dict[str, Any]:
         """The next frame; fails the test if the socket closes instead."""
-        msg = await self.ws.receive(timeout=timeout)
+        # asyncio.timeout, not receive(timeout=): aiohttp restarts the latter on
+        # every ping/pong it handles, so it never fires under a short heartbeat.
+        async with asyncio.timeout(timeout):
+            msg = await self.ws.receive()
         assert msg.type is aiohttp.WSMsgType.TEXT, f"expected a text frame, got {msg!r}"
         frame: dict[str, Any] = orjson.loads(msg.data)
         return frame
@@ -92,14 +95,16 @@ class Device:
         """Read until the socket closes; returns the close code."""
         deadline = time.monotonic() + timeout
         while True:
-            msg = await self.ws.receive(timeout=max(0.01, deadline - time.monotonic()))
+            async with asyncio.timeout(max(0.01, deadline - time.monotonic())):
+                msg = await self.ws.receive()
             if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING,
                             aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
                 return self.ws.close_code
 
     async def expect_silence(self, seconds: float = 0.2) -> None:
         with contextlib.suppress(TimeoutError):
-            msg = await self.ws.receive(timeout=seconds)
+            async with asyncio.timeout(seconds):
+                msg = await self.ws.receive()
             raise AssertionError(f"expected no frame, got {msg!r}")
 
     async def close(self) -> None:

@@ -81,7 +81,10 @@ async def device_ws(request: web.Request) -> web.StreamResponse:
 async def _receive_hello(ws: web.WebSocketResponse, timeout_s: float) -> Hello | None:
     """The first frame must be a valid device_hello; anything else closes with 1008."""
     try:
-        msg = await ws.receive(timeout=timeout_s)
+        # One deadline for the whole wait: receive(timeout=) restarts after every
+        # ping or pong it handles, so a live peer that never says hello would stay.
+        async with asyncio.timeout(timeout_s):
+            msg = await ws.receive()
     except TimeoutError:
         await _close(ws, CloseCode.POLICY, "device_hello timeout")
         return None

@@ -83,7 +83,13 @@ async def handle_auth_refresh(ctx: DeviceContext, frame: Frame) -> None:
     if claims.user_id != ctx.conn.user_id:
         raise FrameError("token is for another user", ref=frame.type,
                          code=codes.AUTH_REFRESH_REJECTED)
-    ctx.conn.arm_expiry(claims.expires_at)
+    current = ctx.conn.expires_at
+    # A refresh only ever extends: a token expiring sooner than the one in force
+    # does not shorten the connection (None means no expiry at all).
+    if current is None or claims.expires_at is None:
+        ctx.conn.arm_expiry(None)
+    else:
+        ctx.conn.arm_expiry(max(current, claims.expires_at))
     log.info("device_token_refreshed", expires_at=claims.expires_at)
 
 

@@ -31,8 +31,9 @@ class Registry:
         return sorted(self._by_user.get(user_id, {}).values(), key=lambda c: c.connected_at)
 
     def other_device_count(self, user_id: str, device_id: str) -> int:
+        """Devices the user holds besides ``device_id`` (ones already closing don't count)."""
         devices = self._by_user.get(user_id, {})
-        return len(devices) - (1 if device_id in devices else 0)
+        return sum(1 for d, c in devices.items() if d != device_id and not c.closing)
 
     def register(self, conn: Connection) -> Connection | None:
         """Make ``conn`` the current connection of its device; returns the one it replaces."""
