@@ -137,7 +137,9 @@ class Runs:
         if target is None:
             return record
         dispatched = await self._dispatch(record.id, target)
-        return dispatched or record
+        if dispatched is None:  # another process claimed it first: show what it is now
+            return await self.store.get_run(record.id) or record
+        return dispatched
 
     async def _dispatch(self, run_id: uuid.UUID, target: RunTarget) -> RunRecord | None:
         record = await self.store.dispatch_run(
@@ -237,12 +239,14 @@ class Runs:
         active = self._owned(target, run_id_text)
         if active is None:
             raise await self._refusal(target, run_id_text)
-        self._forget(active)
-        # Reported finished only once every event is stored (§3.4).
+        # Reported finished only once every event is stored (§3.4). The run stays
+        # tracked until its end is written, so a failed write still leaves it to
+        # the disconnect cleanup; this device's frames wait meanwhile anyway.
         await self.writer.flush()
         record = await self.store.finish_run(
             active.run_id, status=status, errors=errors,
             result_json=orjson.dumps(result).decode() if has_result else None)
+        self._forget(active)
         self.live.end(active.run_id)
         if record is None:
             raise RunRefused(codes.RUN_FINISHED, "the run has already ended")
