@@ -18,7 +18,7 @@ from gateway.config import Settings, redacted_summary
 from gateway.device.endpoint import device_ws
 from gateway.devmode import print_banner
 from gateway.internal_api import build_internal_app, json_errors
-from gateway.logs import AccessLogger
+from gateway.logs import AccessLogger, InternalAccessLogger
 from gateway.services import SERVICES, Secrets, Services, open_services
 from gateway.systemd import SystemdNotifier
 
@@ -94,7 +94,7 @@ async def serve(
     async with open_services(settings, secrets, dsn) as svc:
         public = web.AppRunner(build_public_app(svc), access_log_class=AccessLogger,
                                handle_signals=False, shutdown_timeout=HANDLER_GRACE_S)
-        internal = web.AppRunner(build_internal_app(svc), access_log_class=AccessLogger,
+        internal = web.AppRunner(build_internal_app(svc), access_log_class=InternalAccessLogger,
                                  handle_signals=False, shutdown_timeout=HANDLER_GRACE_S,
                                  handler_cancellation=True)
         await public.setup()

@@ -99,8 +99,11 @@ def redact_url(url: URL) -> str:
 class AccessLogger(AbstractAccessLogger):
     """aiohttp access log as one structlog event per request, token redacted."""
 
+    level = logging.INFO
+
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
-        structlog.get_logger("gateway.access").info(
+        structlog.get_logger("gateway.access").log(
+            self.level,
             "http_request",
             method=request.method,
             path=redact_url(request.rel_url),
@@ -112,4 +115,12 @@ class AccessLogger(AbstractAccessLogger):
 
     @property
     def enabled(self) -> bool:
-        return self.logger.isEnabledFor(logging.INFO)
+        return self.logger.isEnabledFor(self.level)
+
+
+class InternalAccessLogger(AccessLogger):
+    """The internal API's access lines at debug: each call already has its one
+    canonical info line with the request id (tool_call, run_created, …), and a
+    second line per call cost a tenth of the gateway's tool-call throughput."""
+
+    level = logging.DEBUG

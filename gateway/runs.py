@@ -101,6 +101,7 @@ class Runs:
     build_agent_run: BuildAgentRun
     build_agent_cancel: BuildAgentCancel
     _active: dict[uuid.UUID, ActiveRun] = attrs.Factory(dict)
+    _active_by_text: dict[str, ActiveRun] = attrs.Factory(dict)
     _by_target: dict[str, set[uuid.UUID]] = attrs.Factory(dict)
     _finished_by_target: dict[str, collections.OrderedDict[uuid.UUID, None]] = attrs.Factory(
         dict)
@@ -183,8 +184,9 @@ class Runs:
             # already looked at its runs, so this one is ended here.
             await self._fail(record.id, codes.RUN_ERROR_DEVICE_DISCONNECTED)
             return False
-        self._active[record.id] = ActiveRun(record.id, record.agent_id, target,
-                                            record.event_count)
+        active = ActiveRun(record.id, record.agent_id, target, record.event_count)
+        self._active[record.id] = active
+        self._active_by_text[str(record.id)] = active
         self._by_target.setdefault(target.connection_id, set()).add(record.id)
         log.info("run_dispatched", run_id=str(record.id), agent_id=record.agent_id,
                  user_id=target.user_id, device_id=target.device_id)
@@ -201,8 +203,13 @@ class Runs:
     # ------------------------------------------------------------ frames from the device
 
     def _owned(self, target: RunTarget, run_id_text: str) -> ActiveRun | None:
-        run_id = parse_run_id(run_id_text)
-        active = self._active.get(run_id) if run_id is not None else None
+        # Devices echo the id as agent_run gave it: a dict hit, no UUID parsing
+        # per event (that was an eighth of the ingest path); other spellings of
+        # the same UUID still resolve.
+        active = self._active_by_text.get(run_id_text)
+        if active is None:
+            run_id = parse_run_id(run_id_text)
+            active = self._active.get(run_id) if run_id is not None else None
         if active is None or active.target is not target:
             return None
         return active
@@ -256,6 +263,7 @@ class Runs:
 
     def _forget(self, active: ActiveRun) -> None:
         self._active.pop(active.run_id, None)
+        self._active_by_text.pop(str(active.run_id), None)
         key = active.target.connection_id
         ids = self._by_target.get(key)
         if ids is not None:
@@ -289,6 +297,7 @@ class Runs:
         run_ids = self._by_target.pop(key, set())
         for run_id in run_ids:
             self._active.pop(run_id, None)
+            self._active_by_text.pop(str(run_id), None)
         if not run_ids:
             return []
         await self.writer.flush()

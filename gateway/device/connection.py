@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import datetime as dt
+import itertools
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
@@ -84,7 +85,9 @@ class Connection:
     _closing: bool = False
     _close_task: asyncio.Task[Any] | None = None
     _expiry_handle: asyncio.TimerHandle | None = None
-    _bad_frame_times: collections.deque[float] = attrs.Factory(collections.deque)
+    # Created on the first bad frame: most devices never send one (memory per idle device).
+    _bad_frame_times: collections.deque[float] | None = None
+    _call_ids: itertools.count[int] = attrs.Factory(lambda: itertools.count(1))
 
     @property
     def closing(self) -> bool:
@@ -135,7 +138,9 @@ class Connection:
         loop = asyncio.get_running_loop()
         started = loop.time()
         call = PendingCall(
-            call_id=str(uuid.uuid4()),
+            # Unique per connection is all a call id needs (ownership, not secrecy,
+            # keeps other devices out); uuid4 per call was ~9 % of a tool call.
+            call_id=f"{self.connection_id[:8]}-{next(self._call_ids)}",
             tool=tool,
             future=loop.create_future(),
             timeout_s=timeout_s,
@@ -205,6 +210,8 @@ class Connection:
     def note_bad_frame(self, limit_per_minute: int) -> bool:
         """Record a refused frame; True when the device exceeded its allowance."""
         now = time.monotonic()
+        if self._bad_frame_times is None:
+            self._bad_frame_times = collections.deque()
         times = self._bad_frame_times
         times.append(now)
         while times and now - times[0] > 60.0:

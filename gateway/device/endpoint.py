@@ -61,18 +61,20 @@ async def device_ws(request: web.Request) -> web.StreamResponse:
     try:
         await ws.prepare(request)
         svc.metrics.connections_opened.inc()
-        with structlog.contextvars.bound_contextvars(user_id=claims.user_id):
-            svc.hello_sockets.add(ws)
-            try:
-                hello = await _receive_hello(ws, settings.hello_timeout_s)
-            finally:
-                svc.hello_sockets.discard(ws)
-            if hello is None:
-                svc.metrics.connections_closed.labels(str(ws.close_code)).inc()
-                return ws
-            with structlog.contextvars.bound_contextvars(device_id=hello.device_id):
-                await _serve_device(svc, ws, claims.user_id, claims.expires_at, hello,
-                                    request.transport)
+        # This handler is its connection's own task, so the binding ends with it
+        # (and a plain bind holds less per connection than nested contexts).
+        structlog.contextvars.bind_contextvars(user_id=claims.user_id)
+        svc.hello_sockets.add(ws)
+        try:
+            hello = await _receive_hello(ws, settings.hello_timeout_s)
+        finally:
+            svc.hello_sockets.discard(ws)
+        if hello is None:
+            svc.metrics.connections_closed.labels(str(ws.close_code)).inc()
+            return ws
+        structlog.contextvars.bind_contextvars(device_id=hello.device_id)
+        await _serve_device(svc, ws, claims.user_id, claims.expires_at, hello,
+                            request.transport)
     finally:
         svc.socket_closed()
     return ws
