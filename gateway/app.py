@@ -56,6 +56,7 @@ class StopSignal:
 
 async def drain(svc: Services) -> None:
     """Close every device with 1001 and wait until each one's cleanup has run."""
+    svc.live.end_all()  # event streams of runs still pending end now, not at the grace timeout
     for conn in list(svc.registry):
         conn.request_close(CloseCode.GOING_AWAY, "gateway shutting down")
     # Sockets still in their hello would otherwise hold the drain for the hello timeout.

@@ -266,8 +266,7 @@ async def create_tool_call(request: web.Request) -> web.Response:
         raise
     finally:
         elapsed = time.perf_counter() - started
-        svc.metrics.tool_calls.labels(outcome).inc()
-        svc.metrics.tool_call_seconds.observe(elapsed)
+        svc.metrics.tool_call(outcome, elapsed)
         log.info("tool_call", user_id=user_id, device_id=conn.device_id, tool=tool,
                  outcome=outcome, duration_ms=round(elapsed * 1000, 2))
     answer: dict[str, Any] = {"call_id": result.id, "device_id": conn.device_id, "ok": result.ok}

@@ -89,6 +89,12 @@ class LiveEvents:
         for subscription in self._subscriptions.get(run_id, ()):
             subscription.end()
 
+    def end_all(self) -> None:
+        """Wake every reader (the gateway is draining)."""
+        for subscriptions in self._subscriptions.values():
+            for subscription in subscriptions:
+                subscription.end()
+
     @property
     def reader_count(self) -> int:
         return sum(len(subs) for subs in self._subscriptions.values())

@@ -40,15 +40,25 @@ def _orjson_dumps(value: Any, default: Any = None) -> str:
     return orjson.dumps(value, default=default or str).decode()
 
 
+def _orjson_bytes(value: Any, default: Any = None) -> bytes:
+    return orjson.dumps(value, default=default or str)
+
+
 def configure_logging(*, level: str = "info", fmt: str | None = None) -> None:
     """Route structlog and stdlib logging (aiohttp, asyncio) to stdout."""
     if fmt is None:
         fmt = "console" if sys.stdout.isatty() else "json"
     renderer: Any
+    logger_factory: Any
     if fmt == "console":
         renderer = structlog.dev.ConsoleRenderer()
+        logger_factory = structlog.PrintLoggerFactory(sys.stdout)
     else:
-        renderer = structlog.processors.JSONRenderer(serializer=_orjson_dumps)
+        # Bytes straight to stdout's buffer: no str round trip per line.
+        renderer = structlog.processors.JSONRenderer(serializer=_orjson_bytes)
+        logger_factory = structlog.BytesLoggerFactory(sys.stdout.buffer)
+    stdlib_renderer = (renderer if fmt == "console"
+                       else structlog.processors.JSONRenderer(serializer=_orjson_dumps))
     numeric_level = logging.getLevelName(level.upper())
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
@@ -63,7 +73,7 @@ def configure_logging(*, level: str = "info", fmt: str | None = None) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        logger_factory=logger_factory,
         cache_logger_on_first_use=True,
     )
     # Libraries that use stdlib logging go through the same renderer.
@@ -74,7 +84,7 @@ def configure_logging(*, level: str = "info", fmt: str | None = None) -> None:
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                 structlog.processors.format_exc_info,
-                renderer,
+                stdlib_renderer,
             ],
         )
     )

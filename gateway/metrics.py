@@ -38,6 +38,7 @@ class Metrics:
     # too much for a per-frame path.
     _frames_in_by_type: dict[str, Any] = attrs.field(init=False, factory=dict)
     _frames_out_by_type: dict[str, Any] = attrs.field(init=False, factory=dict)
+    _calls_by_outcome: dict[str, Any] = attrs.field(init=False, factory=dict)
 
     def __attrs_post_init__(self) -> None:
         r = self.registry
@@ -88,6 +89,13 @@ class Metrics:
         if child is None:
             child = self._frames_out_by_type[frame_type] = self.frames_out.labels(frame_type)
         child.inc()
+
+    def tool_call(self, outcome: str, seconds: float) -> None:
+        child = self._calls_by_outcome.get(outcome)
+        if child is None:
+            child = self._calls_by_outcome[outcome] = self.tool_calls.labels(outcome)
+        child.inc()
+        self.tool_call_seconds.observe(seconds)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -287,9 +287,6 @@ class Runs:
 
     # ------------------------------------------------------------ the device went
 
-    def runs_of(self, target: RunTarget) -> set[uuid.UUID]:
-        return set(self._by_target.get(target.connection_id, ()))
-
     async def target_gone(self, target: RunTarget, reason: str) -> list[uuid.UUID]:
         """Mark error every run dispatched to *this* connection and still running."""
         key = target.connection_id

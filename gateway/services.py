@@ -14,7 +14,6 @@ from typing import Any
 
 import asyncpg
 import attrs
-import orjson
 import structlog
 from aiohttp import web
 
@@ -233,7 +232,3 @@ async def app_ping_loop(svc: Services) -> None:
                     await conn.send(messages.PING)
             if index % 500 == 0:
                 await asyncio.sleep(0)  # let other work in between large fan-outs
-
-
-def json_dumps(value: Any) -> str:
-    return orjson.dumps(value).decode()

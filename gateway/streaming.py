@@ -65,6 +65,11 @@ async def stream_run_events(
                         break
                 if record is None or record.finished:
                     break
+                if svc.draining:
+                    # Cut short, with no `end` (the run has not ended): the reader
+                    # resumes on another gateway with ?after=<last seq>.
+                    record = None
+                    break
             await subscription.wait(POLL_S)
             buffered, overflowed = subscription.take()
             fresh = [event for event in buffered if event.seq > last]

@@ -471,3 +471,21 @@ async def test_slow_storage_back_pressures_devices_without_losing_or_reordering_
         events = await stored_events(pool, run_id)
         assert_events_in_order([(e["seq"], orjson.loads(e["data"])) for e in events],
                                per_device)
+
+
+async def test_a_drain_cuts_streams_of_unfinished_runs_short_without_an_end(
+    gateway: Harness,
+) -> None:
+    """When the gateway drains, a reader of a run that has not ended gets its stream
+    closed at once (to resume elsewhere with ?after=), with no misleading `end`."""
+    status, pending = await gateway.api("POST", "/runs", {"user_id": "user-9",
+                                                          "agent_id": AGENT})
+    assert status == 201 and pending["status"] == "pending", pending
+    response = await open_events(gateway, pending["run_id"], sse=True)
+    reader = asyncio.create_task(response.text())
+    await gateway.wait_for(lambda: gateway.svc.live.reader_count == 1)
+    gateway.svc.draining = True
+    gateway.svc.live.end_all()
+    async with asyncio.timeout(READ_TIMEOUT_S):
+        text = await reader
+    assert text == "", text  # no agent_data (there were none) and no `end`
