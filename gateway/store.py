@@ -182,9 +182,6 @@ class RunRecord:
     def finished(self) -> bool:
         return self.status in FINAL_STATUSES
 
-    def input_value(self) -> Any:
-        return orjson.loads(self.input)
-
     def as_json(self) -> dict[str, Any]:
         """The record as the internal API shows it (PROTOCOL.md §2.3)."""
         return {
