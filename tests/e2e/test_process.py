@@ -7,6 +7,7 @@ configuration errors, logs) and §3.1 (orphaned runs marked at start-up).
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import re
 import shlex
@@ -321,6 +322,11 @@ async def test_logs_are_json_lines_without_secrets(database_url: str, tmp_path: 
     events = {line.get("event") for line in lines}
     assert {"device_connected", "tool_call", "device_disconnected", "http_request",
             "gateway_stopped"} <= events, events
+    for line in lines:  # every line carries its level and a UTC time, whoever logged it
+        assert line.get("level") in {"debug", "info", "warning", "error", "critical"}, line
+        assert dt.datetime.fromisoformat(line["timestamp"]).utcoffset() == dt.timedelta(0), line
+    tool_call = next(line for line in lines if line.get("event") == "tool_call")
+    assert tool_call["outcome"] == "ok" and tool_call["request_id"], tool_call
     output = proc.stdout() + proc.stderr()
     for secret in (token, forged, E2E_JWT_SECRET, E2E_SERVICE_TOKEN,
                    "wrong-service-token-0000000000"):

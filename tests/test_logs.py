@@ -1,0 +1,106 @@
+"""The JSON log line: the keys every line carries, redaction, context and tracebacks.
+
+``render_json_line`` is the whole JSON processor chain in one step; these
+check it writes what structlog's standard chain wrote, on its own (no
+global configuration is touched).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import datetime as dt
+from typing import Any
+
+import orjson
+import structlog
+
+from gateway.logs import REDACTED, render_json_line
+
+
+def render(method: str, **event: Any) -> dict[str, Any]:
+    line = render_json_line(None, method, dict(event))
+    assert isinstance(line, bytes) and b"\n" not in line
+    value = orjson.loads(line)
+    assert isinstance(value, dict)
+    return value
+
+
+def in_fresh_context(func: Any) -> Any:
+    """Run with a context of its own, so bound variables do not leak between tests."""
+    return contextvars.Context().run(func)
+
+
+def test_a_line_has_event_level_and_utc_timestamp() -> None:
+    before = dt.datetime.now(dt.UTC)
+    line = in_fresh_context(lambda: render("info", event="tool_call", outcome="ok",
+                                           duration_ms=1.25))
+    after = dt.datetime.now(dt.UTC)
+    assert line["event"] == "tool_call"
+    assert line["level"] == "info"
+    assert line["outcome"] == "ok" and line["duration_ms"] == 1.25
+    assert line["timestamp"].endswith("Z"), line
+    moment = dt.datetime.fromisoformat(line["timestamp"])
+    assert before <= moment <= after
+
+
+def test_level_names_follow_structlog() -> None:
+    """warn and exception are written as the level they are, not the method's name."""
+    for method, level in [("debug", "debug"), ("warn", "warning"), ("warning", "warning"),
+                          ("exception", "error"), ("critical", "critical")]:
+        assert in_fresh_context(lambda m=method: render(m, event="x"))["level"] == level
+
+
+def test_bound_context_is_merged_and_explicit_keys_win() -> None:
+    def log_with_context() -> tuple[dict[str, Any], dict[str, Any]]:
+        structlog.contextvars.bind_contextvars(request_id="req-7", device_id="bound")
+        first = render("info", event="x")
+        second = render("info", event="x", device_id="explicit")
+        return first, second
+
+    first, second = in_fresh_context(log_with_context)
+    assert first["request_id"] == "req-7" and first["device_id"] == "bound"
+    assert second["device_id"] == "explicit" and second["request_id"] == "req-7"
+
+
+def test_cleared_context_leaves_no_keys() -> None:
+    def log_after_clear() -> dict[str, Any]:
+        structlog.contextvars.bind_contextvars(user_id="u-1")
+        structlog.contextvars.clear_contextvars()
+        return render("info", event="x")
+
+    assert "user_id" not in in_fresh_context(log_after_clear)
+
+
+def test_secret_keys_are_blanked_whoever_logs_them() -> None:
+    def log_secrets() -> dict[str, Any]:
+        structlog.contextvars.bind_contextvars(token="bound-secret")
+        return render("info", event="x", Authorization="Bearer abc", jwt_secret="s3cret",
+                      password="hunter2", user_id="u-1")
+
+    line = in_fresh_context(log_secrets)
+    for key in ("token", "Authorization", "jwt_secret", "password"):
+        assert line[key] == REDACTED, line
+    assert line["user_id"] == "u-1"
+    assert b"s3cret" not in orjson.dumps(line) and b"bound-secret" not in orjson.dumps(line)
+
+
+def test_exception_becomes_a_traceback_string() -> None:
+    try:
+        raise ValueError("broken thing")
+    except ValueError as exc:
+        error = exc
+    line = in_fresh_context(lambda: render("error", event="request_failed", exc_info=error))
+    assert "exc_info" not in line
+    assert "Traceback" in line["exception"] and "ValueError: broken thing" in line["exception"]
+
+
+def test_values_json_cannot_hold_are_written_as_text() -> None:
+    """An odd value (a UUID, a path, an object) never breaks the line."""
+
+    class Odd:
+        def __str__(self) -> str:
+            return "odd-value"
+
+    line = in_fresh_context(lambda: render("info", event="x", thing=Odd(), items={1, 2}))
+    assert line["thing"] == "odd-value"
+    assert isinstance(line["items"], str)
