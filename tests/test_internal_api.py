@@ -10,7 +10,12 @@ from typing import Any
 
 import orjson
 import pytest
+import structlog
+from aiohttp import web
 from harness import OTHER_SERVICE_TOKEN, SERVICE_TOKEN, Harness
+
+from gateway.auth import ServiceTokens
+from gateway.internal_api import internal_middleware
 
 SOME_RUN = str(uuid.uuid4())
 TOOL_CALL = {"user_id": "user-1", "tool": "echo"}
@@ -330,6 +335,49 @@ async def test_request_id_is_generated_when_absent(gateway: Harness) -> None:
         assert request_id and len(request_id) <= 128, request_id
         seen.append(request_id)
     assert len(set(seen)) == 3, seen
+
+
+async def test_an_unexpected_error_is_a_json_500_logged_with_its_request_id(
+        aiohttp_client: Any) -> None:
+    """A handler that breaks answers {"error": "internal"} with the request id, and the
+    log line carries the traceback; a token check still comes before any handler."""
+    calls = []
+
+    async def broken(request: web.Request) -> web.Response:
+        calls.append(request.path)
+        raise RuntimeError("the handler broke")
+
+    app = web.Application(middlewares=[internal_middleware(ServiceTokens.of([SERVICE_TOKEN]))])
+    app.router.add_get("/broken", broken)
+    client = await aiohttp_client(app)
+    with structlog.testing.capture_logs() as logs:
+        async with client.get("/broken", headers={**auth(), "X-Request-Id": "req-500"}
+                              ) as response:
+            assert response.status == 500
+            assert await response.json() == {"error": "internal_error", "detail": "internal error"}
+            assert response.headers["X-Request-Id"] == "req-500"
+        async with client.get("/broken") as response:
+            assert response.status == 401
+            assert (await response.json())["error"] == "unauthorized"
+            assert response.headers["X-Request-Id"]
+    assert calls == ["/broken"]
+    failed = [line for line in logs if line["event"] == "request_failed"]
+    assert len(failed) == 1, logs
+    assert failed[0]["path"] == "/broken" and isinstance(failed[0]["exc_info"], RuntimeError)
+
+
+async def test_a_redirect_passes_through_with_its_request_id(aiohttp_client: Any) -> None:
+    async def moved(request: web.Request) -> web.Response:
+        raise web.HTTPFound("/elsewhere")
+
+    app = web.Application(middlewares=[internal_middleware(ServiceTokens.of([SERVICE_TOKEN]))])
+    app.router.add_get("/moved", moved)
+    client = await aiohttp_client(app)
+    async with client.get("/moved", headers={**auth(), "X-Request-Id": "req-302"},
+                          allow_redirects=False) as response:
+        assert response.status == 302
+        assert response.headers["Location"] == "/elsewhere"
+        assert response.headers["X-Request-Id"] == "req-302"
 
 
 async def test_healthz_answers_200_on_the_public_listener(gateway: Harness) -> None:
