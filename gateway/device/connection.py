@@ -49,17 +49,39 @@ class CallFailed(Exception):
 
 @attrs.define(eq=False)
 class PendingCall:
+    """A tool call waiting for its tool_result.
+
+    Its timeout is a timer that fails the future, not ``asyncio.timeout``
+    around the await: a plain ``call_at`` is cheaper per call and needs no
+    task cancellation to turn into a timeout.
+    """
+
     call_id: str
     tool: str
     future: asyncio.Future[ToolResult]
     timeout_s: float
     hard_deadline: float  # loop time: the call's max_timeout_s
-    timer: asyncio.Timeout | None = None
+    timer: asyncio.TimerHandle | None = None
+
+    def arm(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
+        """(Re)start the timeout: the future fails with TimeoutError at ``deadline``."""
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = loop.call_at(deadline, self._time_out)
+
+    def _time_out(self) -> None:
+        if not self.future.done():
+            self.future.set_exception(TimeoutError())
+
+    def disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
     def restart_timeout(self, loop: asyncio.AbstractEventLoop) -> None:
         """tool_progress: the call is alive; its timeout restarts, never past the hard bound."""
         if self.timer is not None and not self.future.done():
-            self.timer.reschedule(min(loop.time() + self.timeout_s, self.hard_deadline))
+            self.arm(loop, min(loop.time() + self.timeout_s, self.hard_deadline))
 
 
 @attrs.define(eq=False)
@@ -153,11 +175,9 @@ class Connection:
                     call_id=call.call_id, tool=tool, args=args, timeout_s=timeout_s))
             except ConnectionGone:
                 raise CallFailed(codes.DEVICE_DISCONNECTED, "the device disconnected") from None
-            first_deadline = min(started + timeout_s, call.hard_deadline)
+            call.arm(loop, min(started + timeout_s, call.hard_deadline))
             try:
-                async with asyncio.timeout_at(first_deadline) as timer:
-                    call.timer = timer
-                    return await call.future
+                return await call.future
             except TimeoutError:
                 await self._cancel_call(call, "timeout")
                 if loop.time() >= call.hard_deadline:
@@ -170,6 +190,7 @@ class Connection:
                 await self._cancel_call(call, "caller_gone")
                 raise
         finally:
+            call.disarm()
             self.calls.pop(call.call_id, None)
 
     async def _cancel_call(self, call: PendingCall, reason: str) -> None:
