@@ -3,7 +3,9 @@
 Logging is configured once per process (structlog's configuration is global by
 nature); everything else asks ``structlog.get_logger`` for a logger and binds
 context. Tokens never reach a log line: the access logger redacts the query
-string, and ``redact_processor`` blanks any event key that names a secret.
+string, and any event key that names a secret is blanked (by
+``render_json_line`` in JSON lines, by ``redact_processor`` on a console and
+in stdlib libraries' lines).
 """
 
 from __future__ import annotations
