@@ -81,6 +81,9 @@ class ActiveRun:
     agent_id: str
     target: RunTarget
     last_seq: int
+    # agent_run has gone to the device. A run claimed at hello is announced only
+    # after hello_ack; cancelled before that, its device hears nothing of it.
+    announced: bool = False
 
 
 def parse_run_id(value: str) -> uuid.UUID | None:
@@ -168,11 +171,12 @@ class Runs:
         for record in records:
             active = self._active.get(record.id)
             if active is not None and active.target is target:  # not cancelled meanwhile
-                await self._send_run(record, target)
+                await self._send_run(record, active)
 
-    async def _send_run(self, record: RunRecord, target: RunTarget) -> None:
+    async def _send_run(self, record: RunRecord, active: ActiveRun) -> None:
+        active.announced = True  # before the await: a cancel from now on must follow it
         try:
-            await target.send(self.build_agent_run(record))
+            await active.target.send(self.build_agent_run(record))
         except Exception as exc:  # the device's own cleanup ends the run
             log.info("run_dispatch_send_failed", run_id=str(record.id), error=repr(exc))
 
@@ -191,7 +195,7 @@ class Runs:
         log.info("run_dispatched", run_id=str(record.id), agent_id=record.agent_id,
                  user_id=target.user_id, device_id=target.device_id)
         if send:
-            await self._send_run(record, target)
+            await self._send_run(record, active)
         return True
 
     async def _fail(self, run_id: uuid.UUID, reason: str) -> None:
@@ -338,6 +342,8 @@ class Runs:
         if active is None:
             return
         self._forget(active)
+        if not active.announced:  # claimed at hello, cancelled before its agent_run
+            return
         try:
             await active.target.send(self.build_agent_cancel(str(run_id), reason))
         except Exception as exc:

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
+import attrs
 import orjson
 import pytest
 from harness import Device, Harness
@@ -521,6 +522,52 @@ async def test_cancelling_a_running_run_sends_agent_cancel_to_its_device(
     row = await run_row(gateway.svc.pool, run_id)
     assert (row["status"], row["event_count"]) == ("cancelled", 0), row
     assert await stored_events(gateway.svc.pool, run_id) == []
+
+
+@attrs.define(eq=False)
+class RecordingTarget:
+    """A RunTarget that keeps what it is sent (the seam ``gateway.runs`` is written to)."""
+
+    user_id: str
+    device_id: str
+    connection_id: str = attrs.field(factory=lambda: str(uuid.uuid4()))
+    closing: bool = False
+    sent: list[dict[str, Any]] = attrs.Factory(list)
+
+    async def send(self, frame: bytes) -> None:
+        self.sent.append(orjson.loads(frame))
+
+
+async def test_a_run_cancelled_between_hello_claim_and_its_agent_run_is_never_announced(
+    gateway: Harness,
+) -> None:
+    """Claimed at hello, cancelled before hello_ack went out: the device gets neither the
+    agent_run nor an agent_cancel for a run it never heard of."""
+    answer = await create_run(gateway, device_id="device-1")
+    runs = gateway.svc.runs
+    target = RecordingTarget("user-1", "device-1")
+    claimed = await runs.claim_for(target, [AGENT])
+    assert [str(record.id) for record in claimed] == [answer["run_id"]]
+    status, record = await gateway.api("POST", f"/runs/{answer['run_id']}/cancel")
+    assert status == 200 and record["status"] == "cancelled", record
+    await runs.send_claimed(target, claimed)
+    assert target.sent == []
+    row = await run_row(gateway.svc.pool, answer["run_id"])
+    assert row["status"] == "cancelled", row
+
+
+async def test_a_claimed_run_once_announced_is_cancelled_on_its_device(
+    gateway: Harness,
+) -> None:
+    answer = await create_run(gateway, device_id="device-1")
+    runs = gateway.svc.runs
+    target = RecordingTarget("user-1", "device-1")
+    claimed = await runs.claim_for(target, [AGENT])
+    await runs.send_claimed(target, claimed)
+    status, record = await gateway.api("POST", f"/runs/{answer['run_id']}/cancel")
+    assert status == 200, record
+    assert [(f["type"], f["run_id"]) for f in target.sent] == [
+        ("agent_run", answer["run_id"]), ("agent_cancel", answer["run_id"])]
 
 
 async def test_cancelling_a_finished_run_is_409_run_finished(gateway: Harness) -> None:
