@@ -25,8 +25,21 @@ from gateway.systemd import SystemdNotifier
 log = structlog.get_logger(__name__)
 
 DEVICE_WS_PATH = "/api/v1/ws/device"
-# HTTP handlers still running when a listener stops get this long to finish.
+# HTTP handlers still running when a listener stops get this long to finish
+# (less when GATEWAY_SHUTDOWN_TIMEOUT_S is short: see handler_grace_s).
 HANDLER_GRACE_S = 2.0
+# Of GATEWAY_SHUTDOWN_TIMEOUT_S, the part kept for after the drain (handlers,
+# the last event batch, the sweep), at most TEARDOWN_RESERVE_MAX_S.
+TEARDOWN_SHARE = 0.25
+TEARDOWN_RESERVE_MAX_S = 3.0
+
+
+def teardown_reserve_s(settings: Settings) -> float:
+    return min(TEARDOWN_RESERVE_MAX_S, settings.shutdown_timeout_s * TEARDOWN_SHARE)
+
+
+def handler_grace_s(settings: Settings) -> float:
+    return min(HANDLER_GRACE_S, teardown_reserve_s(settings) / 2)
 
 
 def build_public_app(svc: Services) -> web.Application:
@@ -68,6 +81,27 @@ async def drain(svc: Services) -> None:
         await svc.no_sockets.wait()
 
 
+async def drain_within(svc: Services, deadline: float) -> None:
+    """Drain until ``deadline`` (loop time); then drop the devices still there.
+
+    A device that never answers its close frame (or whose TCP window is full)
+    is disconnected outright, so its handler runs its cleanup (pending calls
+    503, its runs marked) before the listeners stop, not after the budget.
+    """
+    try:
+        async with asyncio.timeout_at(deadline):
+            await drain(svc)
+        return
+    except TimeoutError:
+        pass
+    aborted = svc.abort_sockets()
+    log.error("drain_timeout", devices_left=svc.sockets, aborted=aborted)
+    # Their cleanups are database writes: give them what is left of the reserve's half.
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(svc.time_left(0.0) / 2):
+            await svc.no_sockets.wait()
+
+
 async def watchdog_loop(svc: Services, notifier: SystemdNotifier, interval: float) -> None:
     """WATCHDOG=1 while the event loop and the database answer; STATUS with the count."""
     while True:
@@ -93,10 +127,11 @@ async def serve(
     notifier = SystemdNotifier(settings.notify_socket)
     log.info("gateway_starting", settings=redacted_summary(settings))
     async with open_services(settings, secrets, dsn) as svc:
+        grace = handler_grace_s(settings)
         public = web.AppRunner(build_public_app(svc), access_log_class=AccessLogger,
-                               handle_signals=False, shutdown_timeout=HANDLER_GRACE_S)
+                               handle_signals=False, shutdown_timeout=grace)
         internal = web.AppRunner(build_internal_app(svc), access_log_class=InternalAccessLogger,
-                                 handle_signals=False, shutdown_timeout=HANDLER_GRACE_S,
+                                 handle_signals=False, shutdown_timeout=grace,
                                  handler_cancellation=True)
         await public.setup()
         await internal.setup()
@@ -119,16 +154,13 @@ async def serve(
             await stop.event.wait()
 
             svc.draining = True
+            svc.stop_deadline = loop.time() + settings.shutdown_timeout_s
             notifier.stopping("draining")
             log.info("gateway_draining", devices=len(svc.registry))
-            try:
-                async with asyncio.timeout(max(0.5, settings.shutdown_timeout_s - 1.0)):
-                    await drain(svc)
-            except TimeoutError:
-                log.error("drain_timeout", devices_left=svc.sockets)
+            await drain_within(svc, svc.stop_deadline - teardown_reserve_s(settings))
         finally:
-            await internal.cleanup()
-            await public.cleanup()
+            # Both at once: each gets the same grace for its unfinished handlers.
+            await asyncio.gather(internal.cleanup(), public.cleanup())
     notifier.close()
     log.info("gateway_stopped")
     return 0

@@ -54,21 +54,52 @@ class Services:
     authenticator: DeviceAuthenticator
     service_tokens: ServiceTokens
     draining: bool = False
-    sockets: int = 0  # device sockets held, upgraded or upgrading
+    # Loop time by which a stopping gateway must be gone (GATEWAY_SHUTDOWN_TIMEOUT_S
+    # after the signal); every step of the teardown keeps to it.
+    stop_deadline: float | None = None
     no_sockets: asyncio.Event = attrs.Factory(asyncio.Event)
     # Upgraded sockets still waiting for their device_hello: in no registry yet, so
     # the drain finds them here to close them with 1001.
     hello_sockets: set[web.WebSocketResponse] = attrs.Factory(set)
+    # Every device socket held, upgraded or upgrading, with its request (which has
+    # the transport): counted for GATEWAY_MAX_CONNECTIONS, and dropped outright
+    # when a drain runs out of time.
+    _device_sockets: dict[web.WebSocketResponse, web.BaseRequest] = attrs.Factory(dict)
     _tasks: list[asyncio.Task[Any]] = attrs.Factory(list)
 
-    def socket_opened(self) -> None:
-        self.sockets += 1
+    @property
+    def sockets(self) -> int:
+        return len(self._device_sockets)
+
+    def socket_opened(self, ws: web.WebSocketResponse, request: web.BaseRequest) -> None:
+        self._device_sockets[ws] = request
         self.no_sockets.clear()
 
-    def socket_closed(self) -> None:
-        self.sockets -= 1
-        if self.sockets == 0:
+    def socket_closed(self, ws: web.WebSocketResponse) -> None:
+        self._device_sockets.pop(ws, None)
+        if not self._device_sockets:
             self.no_sockets.set()
+
+    def abort_sockets(self) -> int:
+        """Drop the TCP connection of every device socket still held; how many.
+
+        The drain's last resort for peers that never finish the close handshake
+        (or cannot even take the close frame): their handlers then end, and run
+        their cleanup, at once.
+        """
+        aborted = 0
+        for request in list(self._device_sockets.values()):
+            transport = request.transport
+            if transport is not None:
+                transport.abort()
+                aborted += 1
+        return aborted
+
+    def time_left(self, default: float) -> float:
+        """Seconds until ``stop_deadline`` (``default`` when no stop is under way)."""
+        if self.stop_deadline is None:
+            return default
+        return max(0.0, self.stop_deadline - asyncio.get_running_loop().time())
 
     def spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
         """Start a background task owned by the services (cancelled on close)."""
@@ -166,20 +197,41 @@ async def open_services(
             yield svc
         finally:
             await svc.cancel_tasks()
-            await writer.stop(settings.shutdown_timeout_s)
-            swept = await _sweep(runs)
+            # Accepted events are worth a moment past the budget: systemd allows 20 s more.
+            await writer.stop(max(svc.time_left(settings.shutdown_timeout_s), WRITER_STOP_MIN_S))
+            swept = await _sweep(runs, svc.time_left(settings.shutdown_timeout_s))
             if swept:
                 log.warning("runs_failed_at_shutdown", count=swept)
     finally:
-        await pool.close()
+        await _close_pool(pool, within_s=POOL_CLOSE_S)
 
 
-async def _sweep(runs: Runs) -> int:
+WRITER_STOP_MIN_S = 0.5
+# Connections still busy when the pool closes get this long before they are dropped.
+POOL_CLOSE_S = 1.0
+
+
+async def _close_pool(pool: asyncpg.Pool, *, within_s: float) -> None:
     try:
-        return await runs.fail_instance_runs(codes.RUN_ERROR_GATEWAY_SHUTDOWN)
-    except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
+        async with asyncio.timeout(within_s):
+            await pool.close()
+    except TimeoutError:
+        log.warning("database_pool_close_timeout", within_s=within_s)
+        pool.terminate()
+
+
+async def _sweep(runs: Runs, within_s: float) -> int:
+    try:
+        async with asyncio.timeout(max(within_s, SWEEP_MIN_S)):
+            return await runs.fail_instance_runs(codes.RUN_ERROR_GATEWAY_SHUTDOWN)
+    except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError) as exc:
+        # The next start's orphan sweep marks them (GATEWAY_INSTANCE_ID is stable).
         log.error("shutdown_sweep_failed", error=repr(exc))
         return 0
+
+
+# The last sweep is one UPDATE: worth a moment even when the budget is spent.
+SWEEP_MIN_S = 0.25
 
 
 CANCEL_QUEUE_MAX = 10_000

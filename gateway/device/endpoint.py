@@ -57,7 +57,7 @@ async def device_ws(request: web.Request) -> web.StreamResponse:
     )
     if not ws.can_prepare(request).ok:
         return _refuse_handshake(svc, 400, codes.BAD_REQUEST, "a WebSocket upgrade is required")
-    svc.socket_opened()
+    svc.socket_opened(ws, request)
     try:
         await ws.prepare(request)
         svc.metrics.connections_opened.inc()
@@ -76,7 +76,7 @@ async def device_ws(request: web.Request) -> web.StreamResponse:
         await _serve_device(svc, ws, claims.user_id, claims.expires_at, hello,
                             request.transport)
     finally:
-        svc.socket_closed()
+        svc.socket_closed(ws)
     return ws
 
 
