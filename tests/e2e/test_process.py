@@ -366,3 +366,30 @@ async def test_orphaned_runs_are_marked_before_ready(database_url: str, tmp_path
     assert "gateway restarted" in orjson.loads(rows[ours]["errors"])
     assert rows[ours]["finished_at"] is not None
     assert rows[theirs]["status"] == "running"
+
+
+@pytest.mark.filterwarnings("ignore::jwt.warnings.InsecureKeyLengthWarning")  # our own encode
+async def test_a_short_hmac_secret_is_one_warning_line_at_start(
+    database_url: str, tmp_path: Path
+) -> None:
+    """A 35-byte secret is fine for HS256 but short for HS512 (RFC 7518 asks 64): the
+    gateway still starts (devices hold tokens signed with it), says so once at start-up as
+    a JSON line, and PyJWT's own warning at the first check is a JSON line too, not text
+    on stderr."""
+    env = database_env(database_url, GATEWAY_JWT_ALGORITHMS="HS256,HS512")
+    with running_gateway(env, log_dir=tmp_path) as proc:
+        warning = proc.wait_for_event("jwt_secret_short")
+        token = jwt.encode({"sub": "u-hs512", "exp": int(time.time()) + 600},
+                           E2E_JWT_SECRET, algorithm="HS512")
+        async with aiohttp.ClientSession() as session:
+            device = await connect_device(session, proc.ws_url, token=token,
+                                          user_id="u-hs512", device_id="d1")
+            await device.close()
+        code, _ = proc.stop()
+        assert code == 0, proc.describe()
+    assert warning["level"] == "warning" and warning["recommended_bytes"] == 64, warning
+    assert E2E_JWT_SECRET not in proc.stdout() + proc.stderr()
+    assert "InsecureKeyLengthWarning" not in proc.stderr(), proc.describe()
+    py_warnings = [line for line in proc.log_lines() if line.get("logger") == "py.warnings"]
+    assert any("64 bytes" in line["event"] for line in py_warnings), py_warnings
+    assert all(line["level"] == "warning" for line in py_warnings), py_warnings
