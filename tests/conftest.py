@@ -30,12 +30,14 @@ from typing import Any
 import pytest
 from harness import Harness, make_settings, running_gateway
 from pg import (
+    TEST_SERVER_PREFIX,
     create_database,
     drop_database,
     dsn_with_database,
     make_throwaway_server_fast,
     memory_backed_temp_root,
     migrate_database,
+    remove_abandoned_test_servers,
     run_blocking,
     unique_database_name,
 )
@@ -56,7 +58,9 @@ def pg_server_dsn() -> Iterator[str]:
     # the unix socket path must stay short, and as root the embedded server
     # needs to traverse the parents, which pytest re-tightens to 0700 whenever
     # another session starts. In memory when possible (see the helper).
-    data_dir = Path(tempfile.mkdtemp(prefix="gateway-test-pg-", dir=memory_backed_temp_root()))
+    temp_root = memory_backed_temp_root()
+    remove_abandoned_test_servers(temp_root)
+    data_dir = Path(tempfile.mkdtemp(prefix=TEST_SERVER_PREFIX, dir=temp_root))
     try:
         server = EmbeddedPostgres.start(data_dir)
         try:

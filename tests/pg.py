@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import os
+import shutil
+import tempfile
 import urllib.parse
 import uuid
 from collections.abc import Coroutine
@@ -17,6 +19,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 
+from gateway.embedded_db import reclaim_abandoned
 from gateway.migrate import apply_migrations, default_migrations_dir
 
 T = TypeVar("T")
@@ -114,6 +117,25 @@ def memory_backed_temp_root() -> str | None:
     """
     shm = Path("/dev/shm")
     return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
+
+
+TEST_SERVER_PREFIX = "gateway-test-pg-"
+
+
+def remove_abandoned_test_servers(root: str | None) -> list[Path]:
+    """Stop and delete the embedded test servers of sessions that were killed.
+
+    A session stopped by SIGKILL or a CI timeout never runs its fixture's
+    teardown: its server keeps running and, on tmpfs, its ~80 MB stay in memory
+    until a reboot. Only our own prefix, and only directories whose owner is
+    dead (``reclaim_abandoned``): a session running alongside keeps its server.
+    """
+    removed = []
+    for data_dir in Path(root or tempfile.gettempdir()).glob(f"{TEST_SERVER_PREFIX}*"):
+        if data_dir.is_dir() and reclaim_abandoned(data_dir):
+            shutil.rmtree(data_dir, ignore_errors=True)
+            removed.append(data_dir)
+    return removed
 
 
 def run_blocking(coro: Coroutine[Any, Any, T]) -> T:

@@ -22,7 +22,12 @@ from pathlib import Path
 import asyncpg
 import psutil
 import pytest
-from pg import memory_backed_temp_root, run_blocking
+from pg import (
+    TEST_SERVER_PREFIX,
+    memory_backed_temp_root,
+    remove_abandoned_test_servers,
+    run_blocking,
+)
 
 from gateway.embedded_db import EmbeddedDbError, EmbeddedPostgres, stop_server_immediately
 
@@ -114,8 +119,8 @@ def test_stop_leaves_no_server_process(data_dir: Path) -> None:
     assert_no_server_left(db.pgdata)
 
 
-def test_start_after_a_killed_gateway_adopts_its_server(data_dir: Path) -> None:
-    """A gateway SIGKILL'd with its server running: the next start takes that server over."""
+def start_and_get_killed(data_dir: Path) -> None:
+    """Start a server on ``data_dir`` from a process that is then SIGKILLed; the server stays."""
     script = textwrap.dedent(
         """
         import sys, time
@@ -139,6 +144,11 @@ def test_start_after_a_killed_gateway_adopts_its_server(data_dir: Path) -> None:
     finally:
         owner.send_signal(signal.SIGKILL)
         owner.wait()
+
+
+def test_start_after_a_killed_gateway_adopts_its_server(data_dir: Path) -> None:
+    """A gateway SIGKILL'd with its server running: the next start takes that server over."""
+    start_and_get_killed(data_dir)
     pgdata = data_dir.resolve() / "pgdata"
     orphan = postmaster_pid(pgdata)
 
@@ -149,6 +159,35 @@ def test_start_after_a_killed_gateway_adopts_its_server(data_dir: Path) -> None:
     finally:
         db.stop()
     assert_no_server_left(pgdata)
+
+
+def test_sweep_removes_servers_of_killed_sessions_only() -> None:
+    """A test session killed with its server running left a directory behind: the next
+    session's sweep stops that server and deletes the directory, and leaves alone a server
+    whose owner lives and a directory that holds no lock."""
+    root = Path(tempfile.mkdtemp(prefix="gw-sweep-", dir=memory_backed_temp_root()))
+    dead = root / f"{TEST_SERVER_PREFIX}dead"
+    alive = root / f"{TEST_SERVER_PREFIX}alive"
+    unlocked = root / f"{TEST_SERVER_PREFIX}being-created"
+    unlocked.mkdir()
+    owned: EmbeddedPostgres | None = None
+    try:
+        start_and_get_killed(dead)
+        dead_pgdata = dead.resolve() / "pgdata"
+        assert server_processes(dead_pgdata) != []
+        owned = EmbeddedPostgres.start(alive)
+
+        assert remove_abandoned_test_servers(str(root)) == [dead]
+
+        assert not dead.exists()
+        assert_no_server_left(dead_pgdata)
+        assert current_database(owned.dsn) == "gateway"
+        assert unlocked.is_dir()
+    finally:
+        if owned is not None:
+            owned.stop()
+        stop_server_immediately(dead.resolve() / "pgdata")
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_start_survives_a_stale_pid_file(data_dir: Path) -> None:
