@@ -97,7 +97,8 @@ async def drain_within(svc: Services, deadline: float) -> None:
         pass
     aborted = svc.abort_sockets()
     log.error("drain_timeout", devices_left=svc.sockets, aborted=aborted)
-    # Their cleanups are database writes: give them what is left of the reserve's half.
+    # Their cleanups write to the database: wait for them with half of what is
+    # left, keeping the other half for the listeners, the writer and the sweep.
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(svc.time_left(0.0) / 2):
             await svc.no_sockets.wait()

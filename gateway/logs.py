@@ -56,9 +56,10 @@ def render_json_line(
 
     Does what merge_contextvars, add_log_level, TimeStamper(iso, utc),
     redact_processor, format_exc_info and JSONRenderer do, with the same keys,
-    at a third of their cost: the tool call's canonical line through the
-    six-step chain measured 18 µs in the process, a fifth of a call's time.
-    The timestamp stays a datetime that orjson writes as RFC 3339 with "Z".
+    for two thirds of their cost. The tool call's canonical line through the
+    six-step chain took 18 µs inside the loaded gateway (an eighth of a call);
+    this way 13 µs. The timestamp stays a datetime that orjson writes as
+    RFC 3339 with "Z".
     """
     context = contextvars.copy_context()
     for var in context:

@@ -31,6 +31,13 @@ from gateway.store import RUN_CANCELLED_CHANNEL, RunRecord, Store
 
 log = structlog.get_logger(__name__)
 
+# Teardown steps that keep to the stop budget, with floors where data is at stake:
+# accepted events are worth half a second past it (systemd allows 20 s more), and
+# the last sweep is one UPDATE. Pool connections still busy are then dropped.
+WRITER_STOP_MIN_S = 0.5
+SWEEP_MIN_S = 0.25
+POOL_CLOSE_S = 1.0
+
 
 @attrs.frozen
 class Secrets:
@@ -197,18 +204,12 @@ async def open_services(
             yield svc
         finally:
             await svc.cancel_tasks()
-            # Accepted events are worth a moment past the budget: systemd allows 20 s more.
             await writer.stop(max(svc.time_left(settings.shutdown_timeout_s), WRITER_STOP_MIN_S))
             swept = await _sweep(runs, svc.time_left(settings.shutdown_timeout_s))
             if swept:
                 log.warning("runs_failed_at_shutdown", count=swept)
     finally:
         await _close_pool(pool, within_s=POOL_CLOSE_S)
-
-
-WRITER_STOP_MIN_S = 0.5
-# Connections still busy when the pool closes get this long before they are dropped.
-POOL_CLOSE_S = 1.0
 
 
 async def _close_pool(pool: asyncpg.Pool, *, within_s: float) -> None:
@@ -228,10 +229,6 @@ async def _sweep(runs: Runs, within_s: float) -> int:
         # The next start's orphan sweep marks them (GATEWAY_INSTANCE_ID is stable).
         log.error("shutdown_sweep_failed", error=repr(exc))
         return 0
-
-
-# The last sweep is one UPDATE: worth a moment even when the budget is spent.
-SWEEP_MIN_S = 0.25
 
 
 CANCEL_QUEUE_MAX = 10_000
