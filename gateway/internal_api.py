@@ -14,7 +14,6 @@ from typing import Any
 import orjson
 import structlog
 from aiohttp import web
-from aiohttp.typedefs import Middleware
 
 from gateway import codes
 from gateway.auth import ServiceTokens, bearer_token
@@ -101,49 +100,72 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return _error_response(request, exc)
 
 
-def internal_middleware(tokens: ServiceTokens) -> Middleware:
-    """Request id, service auth and JSON errors, as one middleware.
+def envelope(tokens: ServiceTokens) -> Callable[[Handler], Handler]:
+    """Wrap a handler in the internal API's envelope: request id, service auth, JSON errors.
 
-    Each aiohttp middleware is one more wrapped coroutine frame per request, on
-    the tool-call hot path. A caller's own ``X-Request-Id`` is kept; otherwise
-    ids are a random per-app prefix plus a counter (uuid4 per request cost ~9 %
-    of a tool call). The id is in every log line of the request and in the
-    response, errors included.
+    Per route rather than as middleware: an application with any middleware
+    makes aiohttp build a chain of wrappers and run its own current-app
+    middleware on every request; without them tool calls were 4 % faster
+    (six interleaved runs each: 8,700 against 8,350 calls/s).
+    Routing misses reach the same envelope through ``route_miss``.
+
+    A caller's own ``X-Request-Id`` is kept; otherwise ids are a random per-app
+    prefix plus a counter (uuid4 per request cost ~9 % of a tool call). The id
+    is in every log line of the request and in the response, errors included.
     """
     prefix = uuid.uuid4().hex[:12]
     counter = itertools.count(1)
 
-    @web.middleware
-    async def internal_api(request: web.Request, handler: Handler) -> web.StreamResponse:
-        given = request.headers.get("X-Request-Id", "")
-        if 0 < len(given) <= 128 and given.isprintable():
-            request_id = given
-        else:
-            request_id = f"{prefix}-{next(counter)}"
-        # Each request on a keep-alive connection rebinds it before logging, so a
-        # plain bind (cheaper than a bind/reset context manager) cannot leak.
-        structlog.contextvars.bind_contextvars(request_id=request_id)
-        response: web.StreamResponse
-        try:
-            token = bearer_token(request.headers.get("Authorization"))
-            if token is None or not tokens.accepts(token):
-                raise ApiError(401, codes.UNAUTHORIZED,
-                               "a valid service bearer token is required")
-            response = await handler(request)
-        except asyncio.CancelledError:
-            raise
-        except web.HTTPException as exc:
-            if exc.status < 400:  # a redirect stays one
-                exc.headers["X-Request-Id"] = request_id
+    def wrap(handler: Handler) -> Handler:
+        async def enveloped(request: web.Request) -> web.StreamResponse:
+            given = request.headers.get("X-Request-Id", "")
+            if 0 < len(given) <= 128 and given.isprintable():
+                request_id = given
+            else:
+                request_id = f"{prefix}-{next(counter)}"
+            # Each request on a keep-alive connection rebinds it before logging, so
+            # a plain bind (cheaper than a bind/reset context manager) cannot leak.
+            structlog.contextvars.bind_contextvars(request_id=request_id)
+            response: web.StreamResponse
+            try:
+                token = bearer_token(request.headers.get("Authorization"))
+                if token is None or not tokens.accepts(token):
+                    raise ApiError(401, codes.UNAUTHORIZED,
+                                   "a valid service bearer token is required")
+                response = await handler(request)
+            except asyncio.CancelledError:
                 raise
-            response = _error_response(request, exc)
-        except Exception as exc:
-            response = _error_response(request, exc)
-        if not response.prepared:
-            response.headers["X-Request-Id"] = request_id
-        return response
+            except web.HTTPException as exc:
+                if exc.status < 400:  # a redirect stays one
+                    exc.headers["X-Request-Id"] = request_id
+                    raise
+                response = _error_response(request, exc)
+            except Exception as exc:
+                response = _error_response(request, exc)
+            if not response.prepared:
+                response.headers["X-Request-Id"] = request_id
+            return response
 
-    return internal_api
+        enveloped.__name__ = enveloped.__qualname__ = handler.__name__
+        return enveloped
+
+    return wrap
+
+
+async def route_miss(request: web.Request) -> web.Response:
+    """What no route matched: 405 with Allow when the path exists, else 404.
+
+    Registered last, for every method and path, so that misses get the
+    envelope too (a token check first, so routes cannot be probed without one).
+    """
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource is not request.match_info.route.resource:
+            _match, methods = await resource.resolve(request)
+            allowed |= methods
+    if allowed:
+        raise web.HTTPMethodNotAllowed(request.method, sorted(allowed))
+    raise web.HTTPNotFound()
 
 
 # ---------------------------------------------------------------- input helpers
@@ -370,16 +392,15 @@ async def run_events(request: web.Request) -> web.StreamResponse:
 
 
 def build_internal_app(svc: Services) -> web.Application:
-    app = web.Application(
-        middlewares=[internal_middleware(svc.service_tokens)],
-        client_max_size=svc.settings.max_frame_bytes,
-    )
+    app = web.Application(client_max_size=svc.settings.max_frame_bytes)
     app[SERVICES] = svc
-    app.router.add_get(f"{PREFIX}/devices", list_devices)
-    app.router.add_post(f"{PREFIX}/tool-calls", create_tool_call)
-    app.router.add_post(f"{PREFIX}/runs", create_run)
-    app.router.add_get(f"{PREFIX}/runs", list_runs)
-    app.router.add_get(f"{PREFIX}/runs/{{run_id}}", get_run)
-    app.router.add_get(f"{PREFIX}/runs/{{run_id}}/events", run_events)
-    app.router.add_post(f"{PREFIX}/runs/{{run_id}}/cancel", cancel_run)
+    wrap = envelope(svc.service_tokens)
+    app.router.add_get(f"{PREFIX}/devices", wrap(list_devices))
+    app.router.add_post(f"{PREFIX}/tool-calls", wrap(create_tool_call))
+    app.router.add_post(f"{PREFIX}/runs", wrap(create_run))
+    app.router.add_get(f"{PREFIX}/runs", wrap(list_runs))
+    app.router.add_get(f"{PREFIX}/runs/{{run_id}}", wrap(get_run))
+    app.router.add_get(f"{PREFIX}/runs/{{run_id}}/events", wrap(run_events))
+    app.router.add_post(f"{PREFIX}/runs/{{run_id}}/cancel", wrap(cancel_run))
+    app.router.add_route("*", "/{path:.*}", wrap(route_miss))  # last: only what is left
     return app
