@@ -18,7 +18,7 @@ from gateway.codes import CloseCode
 from gateway.config import Settings, redacted_summary
 from gateway.device.endpoint import device_ws
 from gateway.devmode import print_banner
-from gateway.internal_api import build_internal_app, json_errors
+from gateway.internal_api import build_internal_app, json_errors, route_miss
 from gateway.logs import AccessLogger, InternalAccessLogger
 from gateway.services import SERVICES, Secrets, Services, open_services
 from gateway.systemd import SystemdNotifier
@@ -45,10 +45,11 @@ def handler_grace_s(settings: Settings) -> float:
 
 def build_public_app(svc: Services) -> web.Application:
     """Devices and operations; the internal API is never served here."""
-    app = web.Application(middlewares=[json_errors])
+    app = web.Application()
     app[SERVICES] = svc
-    app.router.add_get(DEVICE_WS_PATH, device_ws)
-    ops.add_routes(app)
+    app.router.add_get(DEVICE_WS_PATH, json_errors(device_ws))
+    ops.add_routes(app, wrap=json_errors)
+    app.router.add_route("*", "/{path:.*}", json_errors(route_miss))  # last: what is left
     return app
 
 

@@ -8,12 +8,13 @@ import itertools
 import math
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from gateway import codes
 from gateway.auth import ServiceTokens, bearer_token
@@ -34,8 +35,6 @@ MAX_HARD_TIMEOUT_S = 24 * 3600.0
 LIST_LIMIT_DEFAULT = 50
 LIST_LIMIT_MAX = 1000
 TOOL_NAME_MAX = 256
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 CALL_FAILURE_STATUS = {
     codes.DEVICE_DISCONNECTED: 503,
@@ -85,19 +84,28 @@ def _error_response(request: web.Request, exc: Exception) -> web.Response:
     return error_response(500, codes.INTERNAL, "internal error")
 
 
-@web.middleware
-async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every error leaves as {"error", "detail"}: ours, aiohttp's, and surprises."""
-    try:
-        return await handler(request)
-    except asyncio.CancelledError:
-        raise
-    except web.HTTPException as exc:
-        if exc.status < 400:
+def json_errors(handler: Handler) -> Handler:
+    """The public listener's envelope: every error leaves as {"error", "detail"}.
+
+    A wrapper per route, not a middleware, for the reason ``envelope`` gives;
+    here it also keeps the device WebSocket handler, held for a connection's
+    whole life, one frame lighter.
+    """
+
+    async def with_json_errors(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except asyncio.CancelledError:
             raise
-        return _error_response(request, exc)
-    except Exception as exc:
-        return _error_response(request, exc)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return _error_response(request, exc)
+        except Exception as exc:
+            return _error_response(request, exc)
+
+    with_json_errors.__name__ = with_json_errors.__qualname__ = handler.__name__
+    return with_json_errors
 
 
 def envelope(tokens: ServiceTokens) -> Callable[[Handler], Handler]:
