@@ -70,6 +70,16 @@ HTTP_ERROR_CODES = {
 }
 
 
+def _response_started(request: web.Request) -> bool:
+    """Bytes of a response already went out (a stream, a WebSocket's 101).
+
+    A handler failing then cannot be answered with an error response: it would
+    be written into the middle of the first one. Re-raised, aiohttp logs it
+    and closes the connection (its own handle_error makes the same check).
+    """
+    return request.writer is not None and request.writer.output_size > 0
+
+
 def _error_response(request: web.Request, exc: Exception) -> web.Response:
     """The {"error", "detail"} answer for an exception a handler raised."""
     if isinstance(exc, ApiError):
@@ -97,11 +107,10 @@ def json_errors(handler: Handler) -> Handler:
             return await handler(request)
         except asyncio.CancelledError:
             raise
-        except web.HTTPException as exc:
-            if exc.status < 400:
-                raise
-            return _error_response(request, exc)
         except Exception as exc:
+            if _response_started(request) or (
+                    isinstance(exc, web.HTTPException) and exc.status < 400):
+                raise
             return _error_response(request, exc)
 
     with_json_errors.__name__ = with_json_errors.__qualname__ = handler.__name__
@@ -143,12 +152,12 @@ def envelope(tokens: ServiceTokens) -> Callable[[Handler], Handler]:
                 response = await handler(request)
             except asyncio.CancelledError:
                 raise
-            except web.HTTPException as exc:
-                if exc.status < 400:  # a redirect stays one
-                    exc.headers["X-Request-Id"] = request_id
-                    raise
-                response = _error_response(request, exc)
             except Exception as exc:
+                if _response_started(request):
+                    raise
+                if isinstance(exc, web.HTTPException) and exc.status < 400:
+                    exc.headers["X-Request-Id"] = request_id  # a redirect stays one
+                    raise
                 response = _error_response(request, exc)
             if not response.prepared:
                 response.headers["X-Request-Id"] = request_id

@@ -8,6 +8,7 @@ import datetime as dt
 import uuid
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 import structlog
@@ -364,6 +365,29 @@ async def test_an_unexpected_error_is_a_json_500_logged_with_its_request_id(
     failed = [line for line in logs if line["event"] == "request_failed"]
     assert len(failed) == 1, logs
     assert failed[0]["path"] == "/broken" and isinstance(failed[0]["exc_info"], RuntimeError)
+
+
+async def test_a_handler_failing_mid_stream_ends_the_connection_not_a_second_response(
+        aiohttp_client: Any) -> None:
+    """Once a streamed answer has started, an error cannot become a JSON 500: that would be
+    written into the middle of the stream. The reader gets what was sent, then an error."""
+
+    async def half_stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await response.prepare(request)
+        await response.write(b'{"seq": 1}\n')
+        raise RuntimeError("the stream broke")
+
+    app = web.Application()
+    app.router.add_get("/stream", envelope(ServiceTokens.of([SERVICE_TOKEN]))(half_stream))
+    client = await aiohttp_client(app)
+    received = b""
+    async with client.get("/stream", headers=auth()) as response:
+        assert response.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            async for chunk in response.content.iter_any():
+                received += chunk
+    assert received == b'{"seq": 1}\n'
 
 
 async def test_a_redirect_passes_through_with_its_request_id(aiohttp_client: Any) -> None:
