@@ -243,6 +243,7 @@ async def test_late_result_after_timeout_gets_unknown_call(gateway: Harness) -> 
     await device.recv_type("tool_cancel")
     status, body = await answer_of(task)
     assert status == 504, body
+    assert "within 0.3 s" in body["detail"], body
     await reply(device, call, result="too late")
     error = await device.recv_type("error")
     assert error["code"] == "unknown_call", error
@@ -295,6 +296,7 @@ async def test_max_timeout_s_bounds_a_call_kept_alive_by_progress(gateway: Harne
             await feeder
     assert status == 504, body
     assert body["error"] == "timeout", body
+    assert "max_timeout_s" in body["detail"], body  # it says which bound ended it
     assert elapsed >= 0.95, f"ended after {elapsed:.2f} s, before the 1.0 s hard bound"
     assert elapsed < 3.0, f"ended after {elapsed:.2f} s, long past the 1.0 s hard bound"
     cancel = await device.recv_type("tool_cancel")

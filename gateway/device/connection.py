@@ -62,11 +62,13 @@ class PendingCall:
     timeout_s: float
     hard_deadline: float  # loop time: the call's max_timeout_s
     timer: asyncio.TimerHandle | None = None
+    deadline: float = 0.0  # loop time the timer is armed for
 
     def arm(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
         """(Re)start the timeout: the future fails with TimeoutError at ``deadline``."""
         if self.timer is not None:
             self.timer.cancel()
+        self.deadline = deadline
         self.timer = loop.call_at(deadline, self._time_out)
 
     def _time_out(self) -> None:
@@ -174,16 +176,18 @@ class Connection:
                 await self.send(messages.tool_call(
                     call_id=call.call_id, tool=tool, args=args, timeout_s=timeout_s))
             except ConnectionGone:
+                if call.future.done():  # failed by the cleanup meanwhile: seen, not needed
+                    call.future.exception()
                 raise CallFailed(codes.DEVICE_DISCONNECTED, "the device disconnected") from None
             call.arm(loop, min(started + timeout_s, call.hard_deadline))
             try:
                 return await call.future
             except TimeoutError:
-                await self._cancel_call(call, "timeout")
-                if loop.time() >= call.hard_deadline:
+                if call.deadline >= call.hard_deadline:
                     detail = f"the call ran past its max_timeout_s of {max_timeout_s:g} s"
                 else:
                     detail = f"no tool_result or tool_progress within {timeout_s:g} s"
+                await self._cancel_call(call, "timeout")
                 raise CallFailed(codes.TIMEOUT, detail) from None
             except asyncio.CancelledError:
                 # The HTTP caller went away: tell the device to stop working.
