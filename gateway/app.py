@@ -40,7 +40,9 @@ def teardown_reserve_s(settings: Settings) -> float:
 
 
 def handler_grace_s(settings: Settings) -> float:
-    return min(HANDLER_GRACE_S, teardown_reserve_s(settings) / 2)
+    # A quarter: aiohttp spends it twice (waiting for handlers, then for their
+    # cancellation), and the drain's wait after dropping devices takes a half.
+    return min(HANDLER_GRACE_S, teardown_reserve_s(settings) / 4)
 
 
 def build_public_app(svc: Services) -> web.Application:
@@ -168,7 +170,10 @@ async def serve(
             await drain_within(svc, svc.stop_deadline - teardown_reserve_s(settings))
         finally:
             # Both at once: each gets the same grace for its unfinished handlers.
-            await asyncio.gather(internal.cleanup(), public.cleanup())
+            for failure in await asyncio.gather(internal.cleanup(), public.cleanup(),
+                                                return_exceptions=True):
+                if isinstance(failure, Exception):
+                    log.error("listener_cleanup_failed", error=repr(failure))
     notifier.close()
     log.info("gateway_stopped")
     return 0

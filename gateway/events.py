@@ -94,7 +94,10 @@ class EventWriter:
             async with asyncio.timeout(within_s):
                 await asyncio.shield(self._task)
         except TimeoutError:
-            log.error("event_writer_stop_timeout", unwritten=len(self._buffer))
+            # What is lost, by run, for whoever reconciles with the devices' own logs.
+            lost = collections.Counter(str(run_id) for run_id, _seq, _data, _at in self._buffer)
+            log.error("event_writer_stop_timeout", unwritten=len(self._buffer),
+                      runs=dict(lost.most_common(100)))
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 

@@ -119,6 +119,67 @@ async def test_sigterm_drains_devices_calls_and_runs(database_url: str, tmp_path
     assert row["event_count"] == 3
 
 
+async def test_a_slow_database_at_shutdown_loses_no_accepted_event(
+    database_url: str, tmp_path: Path
+) -> None:
+    """The database stalls the event writer when SIGTERM arrives (another session holds the
+    run's row past the 2 s budget): the gateway waits for it instead of dropping the
+    accepted events (it gives the last batch at least 5 s), then exits 0 with them stored."""
+    timeout_s = 2.0
+    env = database_env(database_url, GATEWAY_SHUTDOWN_TIMEOUT_S=str(timeout_s))
+    with running_gateway(env, log_dir=tmp_path) as proc:
+        async with aiohttp.ClientSession() as session:
+            runner = await connect_device(session, proc.ws_url, token=mint_token("u1"),
+                                          user_id="u1", device_id="runner",
+                                          agent_ids=["agent-a"])
+            status, run = await call_api(session, "POST", f"{proc.internal_url}/runs",
+                                         {"user_id": "u1", "agent_id": "agent-a"})
+            assert status == 201 and run["status"] == "running", run
+            await runner.recv_type("agent_run")
+            run_id = uuid.UUID(run["run_id"])
+            blocker = await asyncpg.connect(database_url)
+            try:
+                lock = blocker.transaction()
+                await lock.start()
+                # Storing an event checks its run's row (foreign key): it now waits.
+                await blocker.execute(
+                    "SELECT 1 FROM agent_run_logs WHERE id = $1 FOR UPDATE", run_id)
+                for n in (1, 2, 3):
+                    await runner.send({"type": "agent_data", "run_id": run["run_id"],
+                                       "data": {"n": n}})
+                await runner.send({"type": "ping"})
+                await runner.recv_type("pong")  # all three accepted
+                proc.signal(signal.SIGTERM)
+                await asyncio.sleep(timeout_s + 1.0)
+                still_running = proc.popen.poll() is None
+                released_at = time.monotonic()
+                await lock.rollback()
+            finally:
+                await blocker.close()
+            code, _ = await asyncio.to_thread(proc.wait_exit, 30)
+            exit_after_release_s = time.monotonic() - released_at
+    print(f"slow database at shutdown: exit {exit_after_release_s:.2f} s after its release")
+    assert still_running, proc.describe()  # waiting for the database, not dropping events
+    assert code == 0, proc.describe()
+    assert exit_after_release_s < 3.0, proc.describe()
+    assert "event_writer_stop_timeout" not in proc.events(), proc.describe()
+
+    conn = await asyncpg.connect(database_url)
+    try:
+        row = await conn.fetchrow(
+            "SELECT status, errors::text AS errors, event_count FROM agent_run_logs "
+            "WHERE id = $1", run_id)
+        events = await conn.fetch(
+            "SELECT seq, data::text AS data FROM agent_run_events WHERE run_id = $1 "
+            "ORDER BY seq", run_id)
+    finally:
+        await conn.close()
+    assert [(e["seq"], orjson.loads(e["data"])) for e in events] == [
+        (1, {"n": 1}), (2, {"n": 2}), (3, {"n": 3})]
+    assert row["event_count"] == 3
+    assert row["status"] == "error" and "gateway shutdown" in orjson.loads(row["errors"]), row
+
+
 async def test_socket_still_in_its_hello_is_closed_with_1001(
     database_url: str, tmp_path: Path
 ) -> None:
