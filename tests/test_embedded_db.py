@@ -161,32 +161,60 @@ def test_start_after_a_killed_gateway_adopts_its_server(data_dir: Path) -> None:
     assert_no_server_left(pgdata)
 
 
+def age(lock_file: Path, seconds: float) -> None:
+    """Make a lock file look ``seconds`` old (a session that died that long ago)."""
+    then = time.time() - seconds
+    os.utime(lock_file, (then, then))
+
+
 def test_sweep_removes_servers_of_killed_sessions_only() -> None:
     """A test session killed with its server running left a directory behind: the next
-    session's sweep stops that server and deletes the directory, and leaves alone a server
-    whose owner lives and a directory that holds no lock."""
+    session's sweep stops that server and deletes the directory. It leaves alone a server
+    whose owner lives, a directory with no lock, and one locked moments ago (its owner may
+    be between creating and locking it)."""
     root = Path(tempfile.mkdtemp(prefix="gw-sweep-", dir=memory_backed_temp_root()))
     dead = root / f"{TEST_SERVER_PREFIX}dead"
     alive = root / f"{TEST_SERVER_PREFIX}alive"
     unlocked = root / f"{TEST_SERVER_PREFIX}being-created"
     unlocked.mkdir()
+    young = root / f"{TEST_SERVER_PREFIX}young"
+    young.mkdir()
+    (young / "gateway.lock").write_text("1\n")
     owned: EmbeddedPostgres | None = None
     try:
         start_and_get_killed(dead)
+        age(dead / "gateway.lock", 60)
         dead_pgdata = dead.resolve() / "pgdata"
         assert server_processes(dead_pgdata) != []
         owned = EmbeddedPostgres.start(alive)
+        age(alive / "gateway.lock", 60)
 
         assert remove_abandoned_test_servers(str(root)) == [dead]
 
         assert not dead.exists()
         assert_no_server_left(dead_pgdata)
         assert current_database(owned.dsn) == "gateway"
-        assert unlocked.is_dir()
+        assert unlocked.is_dir() and young.is_dir()
     finally:
         if owned is not None:
             owned.stop()
         stop_server_immediately(dead.resolve() / "pgdata")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_sweep_never_signals_a_process_that_reused_the_servers_pid() -> None:
+    """The dead session's postmaster.pid names a pid that now belongs to another live
+    process (here: this test): the directory goes, the process is not touched."""
+    root = Path(tempfile.mkdtemp(prefix="gw-sweep-", dir=memory_backed_temp_root()))
+    dead = root / f"{TEST_SERVER_PREFIX}pid-reused"
+    (dead / "pgdata").mkdir(parents=True)
+    (dead / "pgdata" / "postmaster.pid").write_text(f"{os.getpid()}\n{dead / 'pgdata'}\n")
+    (dead / "gateway.lock").write_text("1\n")
+    age(dead / "gateway.lock", 60)
+    try:
+        assert remove_abandoned_test_servers(str(root)) == [dead]
+        assert not dead.exists()
+    finally:
         shutil.rmtree(root, ignore_errors=True)
 
 
