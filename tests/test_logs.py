@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import contextvars
 import datetime as dt
+import logging
+import uuid
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -43,11 +46,43 @@ def test_a_line_has_event_level_and_utc_timestamp() -> None:
     assert before <= moment <= after
 
 
-def test_level_names_follow_structlog() -> None:
-    """warn and exception are written as the level they are, not the method's name."""
-    for method, level in [("debug", "debug"), ("warn", "warning"), ("warning", "warning"),
-                          ("exception", "error"), ("critical", "critical")]:
-        assert in_fresh_context(lambda m=method: render(m, event="x"))["level"] == level
+class Lines:
+    """A structlog logger's output, one rendered line per call."""
+
+    def __init__(self) -> None:
+        self.lines: list[dict[str, Any]] = []
+
+    def msg(self, line: bytes) -> None:
+        self.lines.append(orjson.loads(line))
+
+    info = debug = warning = error = critical = exception = msg
+
+
+def test_levels_through_a_structlog_logger() -> None:
+    """Through the filtering bound logger the gateway configures (no global set-up): warn
+    is written as warning, exception as error with its traceback, and levels below the
+    threshold are not written at all."""
+    out = Lines()
+    log = structlog.wrap_logger(
+        out, processors=[render_json_line],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
+
+    def log_each() -> None:
+        log.debug("hidden")
+        log.info("shown")
+        log.warn("warned")
+        log.warning("warned")
+        try:
+            raise KeyError("missing")
+        except KeyError:
+            log.exception("failed")
+        log.critical("down")
+
+    in_fresh_context(log_each)
+    assert [(line["event"], line["level"]) for line in out.lines] == [
+        ("shown", "info"), ("warned", "warning"), ("warned", "warning"),
+        ("failed", "error"), ("down", "critical")]
+    assert "KeyError: 'missing'" in out.lines[3]["exception"]
 
 
 def test_bound_context_is_merged_and_explicit_keys_win() -> None:
@@ -95,12 +130,17 @@ def test_exception_becomes_a_traceback_string() -> None:
 
 
 def test_values_json_cannot_hold_are_written_as_text() -> None:
-    """An odd value (a UUID, a path, an object) never breaks the line."""
+    """An odd value never breaks the line: a path is written as its path, an object with
+    str(), and what orjson knows (UUIDs, datetimes) natively."""
 
     class Odd:
         def __str__(self) -> str:
             return "odd-value"
 
-    line = in_fresh_context(lambda: render("info", event="x", thing=Odd(), items={1, 2}))
+    run_id = uuid.uuid4()
+    line = in_fresh_context(lambda: render("info", event="x", thing=Odd(), items={1, 2},
+                                           path=Path("/var/lib/gateway"), run_id=run_id))
     assert line["thing"] == "odd-value"
+    assert line["path"] == "/var/lib/gateway"
+    assert line["run_id"] == str(run_id)
     assert isinstance(line["items"], str)
