@@ -58,6 +58,47 @@ async def readyz_until_not_ready(session: aiohttp.ClientSession, proc: GatewayPr
         await asyncio.sleep(0.01)
 
 
+async def runner_with_a_run(session: aiohttp.ClientSession,
+                            proc: GatewayProcess) -> tuple[Device, str]:
+    """Device u1/runner, advertising agent-a, with a run just dispatched to it; the run id."""
+    runner = await connect_device(session, proc.ws_url, token=mint_token("u1"),
+                                  user_id="u1", device_id="runner", agent_ids=["agent-a"])
+    status, run = await call_api(session, "POST", f"{proc.internal_url}/runs",
+                                 {"user_id": "u1", "agent_id": "agent-a"})
+    assert status == 201 and run["status"] == "running", run
+    dispatched = await runner.recv_type("agent_run")
+    assert dispatched["run_id"] == run["run_id"]
+    return runner, run["run_id"]
+
+
+async def send_three_events(runner: Device, run_id: str) -> None:
+    for n in (1, 2, 3):
+        await runner.send({"type": "agent_data", "run_id": run_id, "data": {"n": n}})
+    # Frames are handled in order: the pong proves all three were accepted.
+    await runner.send({"type": "ping"})
+    await runner.recv_type("pong")
+
+
+async def assert_ended_by_shutdown_with_three_events(database_url: str, run_id: str) -> None:
+    """The run is `error` ("gateway shutdown"), finished, with its three events stored."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        row = await conn.fetchrow(
+            "SELECT status, errors::text AS errors, event_count, finished_at "
+            "FROM agent_run_logs WHERE id = $1", uuid.UUID(run_id))
+        events = await conn.fetch(
+            "SELECT seq, data::text AS data FROM agent_run_events WHERE run_id = $1 "
+            "ORDER BY seq", uuid.UUID(run_id))
+    finally:
+        await conn.close()
+    assert row["status"] == "error", row
+    assert "gateway shutdown" in orjson.loads(row["errors"]), row
+    assert row["finished_at"] is not None, row
+    assert [(e["seq"], orjson.loads(e["data"])) for e in events] == [
+        (1, {"n": 1}), (2, {"n": 2}), (3, {"n": 3})]
+    assert row["event_count"] == 3
+
+
 async def test_sigterm_drains_devices_calls_and_runs(database_url: str, tmp_path: Path) -> None:
     """Two devices, a tool call in flight, a run streaming: SIGTERM closes both devices with
     1001, answers the call 503 gateway_shutdown, ends the run as error ("gateway shutdown")
@@ -65,23 +106,10 @@ async def test_sigterm_drains_devices_calls_and_runs(database_url: str, tmp_path
     env = database_env(database_url, GATEWAY_SHUTDOWN_TIMEOUT_S=str(SHUTDOWN_TIMEOUT_S))
     with running_gateway(env, log_dir=tmp_path) as proc:
         async with aiohttp.ClientSession() as session:
-            runner = await connect_device(session, proc.ws_url, token=mint_token("u1"),
-                                          user_id="u1", device_id="runner",
-                                          agent_ids=["agent-a"])
+            runner, run_id = await runner_with_a_run(session, proc)
             silent = await connect_device(session, proc.ws_url, token=mint_token("u2"),
                                           user_id="u2", device_id="silent")
-
-            status, run = await call_api(session, "POST", f"{proc.internal_url}/runs",
-                                         {"user_id": "u1", "agent_id": "agent-a"})
-            assert status == 201 and run["status"] == "running", run
-            dispatched = await runner.recv_type("agent_run")
-            assert dispatched["run_id"] == run["run_id"]
-            for n in (1, 2, 3):
-                await runner.send({"type": "agent_data", "run_id": run["run_id"],
-                                   "data": {"n": n}})
-            # Frames are handled in order: the pong proves all three were accepted.
-            await runner.send({"type": "ping"})
-            await runner.recv_type("pong")
+            await send_three_events(runner, run_id)
 
             in_flight = asyncio.create_task(call_api(
                 session, "POST", f"{proc.internal_url}/tool-calls",
@@ -100,23 +128,7 @@ async def test_sigterm_drains_devices_calls_and_runs(database_url: str, tmp_path
     print(f"drain: /readyz not ready ({how}) after {after_s:.3f} s, exit after {took_s:.2f} s")
     assert code == 0, proc.describe()
     assert took_s < SHUTDOWN_TIMEOUT_S, proc.describe()
-
-    conn = await asyncpg.connect(database_url)
-    try:
-        row = await conn.fetchrow(
-            "SELECT status, errors::text AS errors, event_count, finished_at "
-            "FROM agent_run_logs WHERE id = $1", uuid.UUID(run["run_id"]))
-        events = await conn.fetch(
-            "SELECT seq, data::text AS data FROM agent_run_events WHERE run_id = $1 "
-            "ORDER BY seq", uuid.UUID(run["run_id"]))
-    finally:
-        await conn.close()
-    assert row["status"] == "error"
-    assert "gateway shutdown" in orjson.loads(row["errors"])
-    assert row["finished_at"] is not None
-    assert [(e["seq"], orjson.loads(e["data"])) for e in events] == [
-        (1, {"n": 1}), (2, {"n": 2}), (3, {"n": 3})]
-    assert row["event_count"] == 3
+    await assert_ended_by_shutdown_with_three_events(database_url, run_id)
 
 
 async def test_a_slow_database_at_shutdown_loses_no_accepted_event(
@@ -129,26 +141,15 @@ async def test_a_slow_database_at_shutdown_loses_no_accepted_event(
     env = database_env(database_url, GATEWAY_SHUTDOWN_TIMEOUT_S=str(timeout_s))
     with running_gateway(env, log_dir=tmp_path) as proc:
         async with aiohttp.ClientSession() as session:
-            runner = await connect_device(session, proc.ws_url, token=mint_token("u1"),
-                                          user_id="u1", device_id="runner",
-                                          agent_ids=["agent-a"])
-            status, run = await call_api(session, "POST", f"{proc.internal_url}/runs",
-                                         {"user_id": "u1", "agent_id": "agent-a"})
-            assert status == 201 and run["status"] == "running", run
-            await runner.recv_type("agent_run")
-            run_id = uuid.UUID(run["run_id"])
+            runner, run_id = await runner_with_a_run(session, proc)
             blocker = await asyncpg.connect(database_url)
             try:
                 lock = blocker.transaction()
                 await lock.start()
                 # Storing an event checks its run's row (foreign key): it now waits.
                 await blocker.execute(
-                    "SELECT 1 FROM agent_run_logs WHERE id = $1 FOR UPDATE", run_id)
-                for n in (1, 2, 3):
-                    await runner.send({"type": "agent_data", "run_id": run["run_id"],
-                                       "data": {"n": n}})
-                await runner.send({"type": "ping"})
-                await runner.recv_type("pong")  # all three accepted
+                    "SELECT 1 FROM agent_run_logs WHERE id = $1 FOR UPDATE", uuid.UUID(run_id))
+                await send_three_events(runner, run_id)
                 proc.signal(signal.SIGTERM)
                 await asyncio.sleep(timeout_s + 1.0)
                 still_running = proc.popen.poll() is None
@@ -163,21 +164,7 @@ async def test_a_slow_database_at_shutdown_loses_no_accepted_event(
     assert code == 0, proc.describe()
     assert exit_after_release_s < 3.0, proc.describe()
     assert "event_writer_stop_timeout" not in proc.events(), proc.describe()
-
-    conn = await asyncpg.connect(database_url)
-    try:
-        row = await conn.fetchrow(
-            "SELECT status, errors::text AS errors, event_count FROM agent_run_logs "
-            "WHERE id = $1", run_id)
-        events = await conn.fetch(
-            "SELECT seq, data::text AS data FROM agent_run_events WHERE run_id = $1 "
-            "ORDER BY seq", run_id)
-    finally:
-        await conn.close()
-    assert [(e["seq"], orjson.loads(e["data"])) for e in events] == [
-        (1, {"n": 1}), (2, {"n": 2}), (3, {"n": 3})]
-    assert row["event_count"] == 3
-    assert row["status"] == "error" and "gateway shutdown" in orjson.loads(row["errors"]), row
+    await assert_ended_by_shutdown_with_three_events(database_url, run_id)
 
 
 async def test_socket_still_in_its_hello_is_closed_with_1001(
