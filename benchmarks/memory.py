@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import load
-from benchmarks.scenarios import Context, expect, split
+from benchmarks.scenarios import Context, expect, split, warm_up_devices
 from benchmarks.servers import (
     ROOT,
     Database,
@@ -55,12 +55,7 @@ async def measure(ctx: Context, n: int, snap_dir: Path) -> dict[str, Any]:
     server = ctx.server
     tag = f"mem{server.public_port}"
     mint = load.TokenMinter(server.jwt_secret)
-    async with load.new_session() as session:
-        warm = [await load.connect_device(session, server.ws_url, mint(f"{tag}-warm"),
-                                          f"{tag}-warm", f"{tag}-warm{i}") for i in range(16)]
-        for ws, _ in warm:
-            await ws.close()
-    await asyncio.sleep(1.0)
+    await warm_up_devices(server, tag, mint)
     rss0 = rss_bytes(server.pid)
     before = await _snapshot(server, snap_dir / "before.snap")
     pipes = [ctx.spawn(load.idle_worker, {

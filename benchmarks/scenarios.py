@@ -138,19 +138,24 @@ def headers(server: Server) -> dict[str, str]:
 # ---------------------------------------------------------------- idle N
 
 
-async def idle(ctx: Context, n: int, *, hold_s: float = 5.0, concurrency: int = 32
-               ) -> dict[str, Any]:
-    """N devices connect and say hello, then stay idle: memory per connection and CPU."""
-    server = ctx.server
-    tag = f"idle{server.public_port}"
-    mint = load.TokenMinter(server.jwt_secret)
-    # Warm-up: lazily imported modules and first-use caches are not per-connection cost.
+async def warm_up_devices(server: Server, tag: str, mint: load.TokenMinter) -> None:
+    """16 devices connect, say hello and leave, then a second's pause: lazily imported
+    modules and first-use caches are not per-connection cost."""
     async with load.new_session() as session:
         warm = [await load.connect_device(session, server.ws_url, mint(f"{tag}-warm"),
                                           f"{tag}-warm", f"{tag}-warm{i}") for i in range(16)]
         for ws, _ in warm:
             await ws.close()
     await asyncio.sleep(1.0)
+
+
+async def idle(ctx: Context, n: int, *, hold_s: float = 5.0, concurrency: int = 32
+               ) -> dict[str, Any]:
+    """N devices connect and say hello, then stay idle: memory per connection and CPU."""
+    server = ctx.server
+    tag = f"idle{server.public_port}"
+    mint = load.TokenMinter(server.jwt_secret)
+    await warm_up_devices(server, tag, mint)
     rss_baseline = rss_bytes(server.pid)
 
     ranges = split(n, ctx.procs)

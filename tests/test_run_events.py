@@ -129,6 +129,17 @@ async def open_events(gw: Harness, run_id: str, *, after: int | None = None,
     return response
 
 
+async def pending_run_with_an_sse_reader(
+        gw: Harness) -> tuple[dict[str, Any], asyncio.Task[str]]:
+    """A run no device can take (it stays pending), and an SSE reader attached to it."""
+    status, pending = await gw.api("POST", "/runs", {"user_id": "user-9", "agent_id": AGENT})
+    assert status == 201 and pending["status"] == "pending", pending
+    response = await open_events(gw, pending["run_id"], sse=True)
+    reader = asyncio.create_task(response.text())
+    await gw.wait_for(lambda: gw.svc.live.reader_count == 1)
+    return pending, reader
+
+
 async def read_ndjson(response: aiohttp.ClientResponse,
                       into: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Every line of an NDJSON stream until it ends (appended to ``into`` as they come)."""
@@ -315,12 +326,7 @@ async def test_stream_of_a_run_that_ends_without_completing_ends_too(gateway: Ha
     record = orjson.loads(blocks[-1]["data"])
     assert (record["status"], record["errors"]) == ("error", ["device disconnected"]), record
 
-    status, pending = await gateway.api("POST", "/runs", {"user_id": "user-9",
-                                                          "agent_id": AGENT})
-    assert status == 201 and pending["status"] == "pending", pending
-    response = await open_events(gateway, pending["run_id"], sse=True)
-    reader = asyncio.create_task(response.text())
-    await gateway.wait_for(lambda: gateway.svc.live.reader_count == 1)
+    pending, reader = await pending_run_with_an_sse_reader(gateway)
     status, body = await gateway.api("POST", f"/runs/{pending['run_id']}/cancel")
     assert status == 200, body
     async with asyncio.timeout(READ_TIMEOUT_S):
@@ -478,12 +484,7 @@ async def test_a_drain_cuts_streams_of_unfinished_runs_short_without_an_end(
 ) -> None:
     """When the gateway drains, a reader of a run that has not ended gets its stream
     closed at once (to resume elsewhere with ?after=), with no misleading `end`."""
-    status, pending = await gateway.api("POST", "/runs", {"user_id": "user-9",
-                                                          "agent_id": AGENT})
-    assert status == 201 and pending["status"] == "pending", pending
-    response = await open_events(gateway, pending["run_id"], sse=True)
-    reader = asyncio.create_task(response.text())
-    await gateway.wait_for(lambda: gateway.svc.live.reader_count == 1)
+    _pending, reader = await pending_run_with_an_sse_reader(gateway)
     gateway.svc.draining = True
     gateway.svc.live.end_all()
     async with asyncio.timeout(READ_TIMEOUT_S):

@@ -273,27 +273,35 @@ async def test_tool_progress_restarts_the_timeout(gateway: Harness) -> None:
     await device.expect_silence(0.1)  # no error frame for the progress frames
 
 
-async def test_max_timeout_s_bounds_a_call_kept_alive_by_progress(gateway: Harness) -> None:
-    """Progress cannot keep a call alive past max_timeout_s: 504 at the hard bound."""
-    device = await gateway.device("user-1", "d1")
+async def call_kept_alive(gateway: Harness, device: Device, *, every_s: float,
+                          **body: Any) -> tuple[dict[str, Any], tuple[int, Any], float]:
+    """A call the device keeps alive with tool_progress every ``every_s`` and never
+    answers: its tool_call frame, the HTTP answer, and the seconds until it came."""
     loop = asyncio.get_running_loop()
     started = loop.time()
-    task = start_call(gateway, timeout_s=0.4, max_timeout_s=1.0)
+    task = start_call(gateway, **body)
     call = await device.recv_type("tool_call")
 
     async def keep_alive() -> None:
         while not task.done():
             await device.send({"type": "tool_progress", "id": call["id"]})
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(every_s)
 
     feeder = asyncio.create_task(keep_alive())
     try:
-        status, body = await answer_of(task)
-        elapsed = loop.time() - started
+        answer = await answer_of(task)
+        return call, answer, loop.time() - started
     finally:
         feeder.cancel()
         with contextlib.suppress(asyncio.CancelledError, ConnectionError):
             await feeder
+
+
+async def test_max_timeout_s_bounds_a_call_kept_alive_by_progress(gateway: Harness) -> None:
+    """Progress cannot keep a call alive past max_timeout_s: 504 at the hard bound."""
+    device = await gateway.device("user-1", "d1")
+    call, (status, body), elapsed = await call_kept_alive(
+        gateway, device, every_s=0.1, timeout_s=0.4, max_timeout_s=1.0)
     assert status == 504, body
     assert body["error"] == "timeout", body
     assert "max_timeout_s" in body["detail"], body  # it says which bound ended it
@@ -306,24 +314,8 @@ async def test_max_timeout_s_bounds_a_call_kept_alive_by_progress(gateway: Harne
 async def test_max_timeout_s_defaults_to_ten_times_timeout_s(gateway: Harness) -> None:
     """Without max_timeout_s, progress keeps a call alive for at most 10 x timeout_s."""
     device = await gateway.device("user-1", "d1")
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    task = start_call(gateway, timeout_s=0.2)
-    call = await device.recv_type("tool_call")
-
-    async def keep_alive() -> None:
-        while not task.done():
-            await device.send({"type": "tool_progress", "id": call["id"]})
-            await asyncio.sleep(0.05)
-
-    feeder = asyncio.create_task(keep_alive())
-    try:
-        status, body = await answer_of(task)
-        elapsed = loop.time() - started
-    finally:
-        feeder.cancel()
-        with contextlib.suppress(asyncio.CancelledError, ConnectionError):
-            await feeder
+    _call, (status, body), elapsed = await call_kept_alive(
+        gateway, device, every_s=0.05, timeout_s=0.2)
     assert status == 504, body
     assert 1.95 <= elapsed < 4.0, f"ended after {elapsed:.2f} s, expected about 2.0 s"
 
