@@ -10,7 +10,12 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from gateway.services import services
+from gateway.device.registry import REGISTRY
+from gateway.metrics import METRICS
+from gateway.runs.events import EVENT_WRITER
+from gateway.runs.lifecycle import RUNS
+from gateway.shutdown import SHUTDOWN
+from gateway.tasks import TASKS
 
 READY_DB_TIMEOUT_S = 2.0
 
@@ -21,24 +26,27 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """200 only while the database answers and the gateway is not draining."""
-    svc = services(request.app)
-    if svc.draining:
+    """200 only while the database answers, every background loop runs, and not draining."""
+    app = request.app
+    if app[SHUTDOWN].draining:
         return web.json_response({"status": "draining"}, status=503)
     try:
         async with asyncio.timeout(READY_DB_TIMEOUT_S):
-            await svc.store.ping()
+            await app[RUNS].store.ping()
     except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        svc.metrics.db_errors.labels("readyz").inc()
+        app[METRICS].db_errors.labels("readyz").inc()
         return web.json_response(
             {"status": "database_unavailable", "detail": type(exc).__name__}, status=503)
-    return web.json_response({"status": "ready", "devices": len(svc.registry)})
+    down = app[TASKS].unhealthy()
+    if down:
+        return web.json_response({"status": "background_task_down", "tasks": down}, status=503)
+    return web.json_response({"status": "ready", "devices": len(app[REGISTRY])})
 
 
 async def metrics(request: web.Request) -> web.Response:
-    svc = services(request.app)
-    svc.metrics.event_queue_depth.set(svc.writer.depth)
-    return web.Response(body=svc.metrics.exposition(),
+    exported = request.app[METRICS]
+    exported.event_queue_depth.set(request.app[EVENT_WRITER].depth)
+    return web.Response(body=exported.exposition(),
                         headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
