@@ -33,10 +33,12 @@ from gateway.logs import AccessLogger, InternalAccessLogger
 from gateway.metrics import METRICS, Metrics
 from gateway.migrate import apply_migrations, default_migrations_dir
 from gateway.runs.cancels import listen_for_cancels
+from gateway.runs.continuity import Continuity
 from gateway.runs.events import EVENT_WRITER, EventWriter
 from gateway.runs.lifecycle import RUNS, Runs
 from gateway.runs.live import LIVE, LiveEvents
 from gateway.runs.scheduler import run_scheduler
+from gateway.runs.tracking import Tracking
 from gateway.shutdown import SHUTDOWN, Shutdown
 from gateway.store import Store, create_pool
 from gateway.systemd import SystemdNotifier
@@ -131,8 +133,13 @@ async def open_gateway(
         writer = EventWriter(store=store, metrics=metrics, live=live,
                              queue_max=settings.event_queue_max,
                              batch_max=settings.event_batch_max)
+        tracking = Tracking()
+        continuity = Continuity(store=store, tracking=tracking, live=live, metrics=metrics,
+                                instance_id=settings.instance_id,
+                                resume_s=settings.run_resume_s)
         runs = Runs(store=store, writer=writer, live=live, metrics=metrics,
-                    instance_id=settings.instance_id, targets=registry)
+                    instance_id=settings.instance_id, targets=registry,
+                    continuity=continuity, tracking=tracking)
         gw = Gateway(
             settings=settings, secrets=secrets, pool=pool, store=store, registry=registry,
             device_sockets=DeviceSockets(), live=live, writer=writer, runs=runs,
@@ -141,12 +148,14 @@ async def open_gateway(
             service_tokens=ServiceTokens.of(secrets.internal_tokens),
             shutdown=Shutdown(), tasks=Tasks(),
         )
-        # Before any device is accepted: runs left running by our previous life.
+        # Before any device is accepted: runs left attached by our previous life.
         await runs.mark_orphans()
         tasks = gw.tasks
         tasks.supervise(EVENT_WRITER_TASK, writer.run)
         tasks.supervise("run-scheduler", lambda: run_scheduler(runs, metrics))
         tasks.supervise("cancel-listener", lambda: listen_for_cancels(runs, metrics, dsn))
+        if continuity.enabled:
+            tasks.supervise("run-expiry", continuity.expire_loop)
         if settings.app_ping:
             tasks.supervise("app-ping", lambda: app_ping_loop(registry, settings.heartbeat_s))
         try:
@@ -163,9 +172,7 @@ async def _stop(gw: Gateway) -> None:
     await gw.tasks.cancel(exclude=(EVENT_WRITER_TASK,))
     await gw.writer.stop(max(gw.shutdown.time_left(budget), WRITER_STOP_MIN_S))
     await gw.tasks.close()
-    swept = await _sweep(gw.runs, gw.shutdown.time_left(budget))
-    if swept:
-        log.warning("runs_failed_at_shutdown", count=swept)
+    await _sweep(gw.runs, gw.shutdown.time_left(budget))
 
 
 async def _close_pool(pool: asyncpg.Pool, *, within_s: float) -> None:
@@ -182,7 +189,7 @@ async def _sweep(runs: Runs, within_s: float) -> int:
         async with asyncio.timeout(max(within_s, SWEEP_MIN_S)):
             return await runs.fail_instance_runs(codes.RUN_ERROR_GATEWAY_SHUTDOWN)
     except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError) as exc:
-        # The next start's orphan sweep marks them (GATEWAY_INSTANCE_ID is stable).
+        # The next start's sweep finds them (GATEWAY_INSTANCE_ID is stable).
         log.error("shutdown_sweep_failed", error=repr(exc))
         return 0
 

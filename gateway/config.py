@@ -57,6 +57,7 @@ class Settings:
     bad_frames_per_minute: int = 30
     shutdown_timeout_s: float = 10.0
     instance_id: str = ""
+    run_resume_s: float = 30.0
     log_level: str = "info"
     log_format: str | None = None  # None: json, or console when stdout is a terminal
     auto_migrate: bool = True
@@ -235,6 +236,9 @@ OPTIONS: tuple[Option, ...] = (
            "drain budget on SIGTERM, seconds"),
     Option("instance_id", "GATEWAY_INSTANCE_ID", _text,
            "stable id of this process"),
+    Option("run_resume_s", "GATEWAY_RUN_RESUME_S", _non_negative_float,
+           "seconds a device has to reconnect and resume its running runs; 0 fails them at "
+           "once"),
     Option("log_level", "GATEWAY_LOG_LEVEL", _choice(*LOG_LEVELS), "debug|info|warning|error"),
     Option("log_format", "GATEWAY_LOG_FORMAT", _choice(*LOG_FORMATS),
            "json|console"),

@@ -31,6 +31,10 @@ class Metrics:
     tool_calls: Counter = attrs.field(init=False)
     tool_call_seconds: Histogram = attrs.field(init=False)
     runs: Counter = attrs.field(init=False)
+    runs_detached: Counter = attrs.field(init=False)
+    runs_resumed: Counter = attrs.field(init=False)
+    runs_expired: Counter = attrs.field(init=False)
+    events_duplicate: Counter = attrs.field(init=False)
     events_stored: Counter = attrs.field(init=False)
     event_batch_size: Histogram = attrs.field(init=False)
     event_queue_depth: Gauge = attrs.field(init=False)
@@ -68,6 +72,22 @@ class Metrics:
             buckets=CALL_BUCKETS, registry=r)
         self.runs = Counter(
             "gateway_runs_total", "Run status transitions, by new status", ["status"], registry=r)
+        self.runs_detached = Counter(
+            "gateway_runs_detached_total",
+            "Running runs detached from a connection that ended, waiting for a resume",
+            registry=r)
+        self.runs_resumed = Counter(
+            "gateway_runs_resumed_total",
+            "Running runs attached to a new connection of their device: by a hello that "
+            "resumed them, or by a replacement that took them over", ["how"], registry=r)
+        self.runs_expired = Counter(
+            "gateway_runs_expired_total",
+            "Detached runs not resumed within GATEWAY_RUN_RESUME_S (marked error)",
+            registry=r)
+        self.events_duplicate = Counter(
+            "gateway_events_duplicate_total",
+            "agent_data resent under event_acks with a seq already accepted (not stored again)",
+            registry=r)
         self.events_stored = Counter(
             "gateway_events_stored_total", "agent_data events durably stored", registry=r)
         self.event_batch_size = Histogram(

@@ -26,13 +26,62 @@ def _run_columns(table: str = "") -> str:
         f"{t}id, {t}user_id, {t}agent_id, {t}device_id, {t}status, {t}input::text AS input, "
         f"{t}result::text AS result, {t}errors::text AS errors, {t}scheduled_at, "
         f"{t}started_at, {t}finished_at, {t}event_count, {t}gateway_instance, "
-        f"{t}created_at, {t}updated_at"
+        f"{t}created_at, {t}updated_at, {t}detached_at, {t}detach_reason"
     )
 
 
 RUN_COLUMNS = _run_columns()
 
 SELECT_ONE = "SELECT 1"
+
+# ---------------------------------------------------------------- continuity (§1.8)
+
+# A connection ended: its running runs wait for the device to come back.
+DETACH_RUNS = """
+UPDATE agent_run_logs
+   SET detached_at = now(), detach_reason = $2, updated_at = now()
+ WHERE id = ANY($1::uuid[]) AND status = 'running' AND detached_at IS NULL
+   AND gateway_instance = $3
+RETURNING id
+"""
+
+# Start-up and shutdown sweeps: every attached running run of this instance.
+# Runs already detached keep their detached_at and reason (a drain's survive
+# the restart that follows it).
+DETACH_INSTANCE_RUNS = """
+UPDATE agent_run_logs
+   SET detached_at = now(), detach_reason = $2, updated_at = now()
+ WHERE status = 'running' AND gateway_instance = $1 AND detached_at IS NULL
+RETURNING id
+"""
+
+# A hello: the device's detached runs still inside their window are attached
+# to it, on whichever process it reached. Row locks order it against expiry
+# and cancel: whichever commits first wins, the other sees the new row.
+RESUME_RUNS = f"""
+WITH detached AS (
+    SELECT id, detached_at FROM agent_run_logs
+     WHERE user_id = $1 AND device_id = $2 AND status = 'running'
+       AND detached_at IS NOT NULL AND detached_at > now() - make_interval(secs => $4)
+       FOR UPDATE
+)
+UPDATE agent_run_logs AS r
+   SET detached_at = NULL, detach_reason = NULL, gateway_instance = $3, updated_at = now()
+  FROM detached
+ WHERE r.id = detached.id
+RETURNING {_run_columns("r")}, detached.detached_at AS was_detached_at
+"""
+
+# Detached runs whose window passed: errors, with the reason they were detached.
+# Idempotent, so every process may run it.
+EXPIRE_DETACHED_RUNS = """
+UPDATE agent_run_logs
+   SET status = 'error', errors = errors || jsonb_build_array(detach_reason),
+       finished_at = now(), updated_at = now()
+ WHERE status = 'running' AND detached_at IS NOT NULL
+   AND detached_at <= now() - make_interval(secs => $1)
+RETURNING id, detach_reason
+"""
 
 MARK_ORPHANED_RUNS = """
 UPDATE agent_run_logs
@@ -173,6 +222,8 @@ class RunRecord:
     gateway_instance: str | None
     created_at: dt.datetime
     updated_at: dt.datetime
+    detached_at: dt.datetime | None
+    detach_reason: str | None
 
     @classmethod
     def of(cls, row: asyncpg.Record) -> RunRecord:
@@ -200,6 +251,8 @@ class RunRecord:
             "gateway_instance": self.gateway_instance,
             "created_at": _iso(self.created_at),
             "updated_at": _iso(self.updated_at),
+            "detached_at": _iso(self.detached_at),
+            "detach_reason": self.detach_reason,
         }
 
 
@@ -240,6 +293,30 @@ class Store:
     async def now(self) -> dt.datetime:
         value: dt.datetime = await self.pool.fetchval(DATABASE_NOW)
         return value
+
+    async def detach_runs(
+        self, run_ids: Sequence[uuid.UUID], reason: str, *, instance_id: str
+    ) -> list[uuid.UUID]:
+        if not run_ids:
+            return []
+        rows = await self.pool.fetch(DETACH_RUNS, list(run_ids), reason, instance_id)
+        return [row["id"] for row in rows]
+
+    async def detach_instance_runs(self, instance_id: str, reason: str) -> list[uuid.UUID]:
+        rows = await self.pool.fetch(DETACH_INSTANCE_RUNS, instance_id, reason)
+        return [row["id"] for row in rows]
+
+    async def resume_runs(
+        self, *, user_id: str, device_id: str, instance_id: str, window_s: float
+    ) -> list[tuple[RunRecord, dt.datetime]]:
+        """The device's runs detached within ``window_s``, attached again; with when they
+        had been detached."""
+        rows = await self.pool.fetch(RESUME_RUNS, user_id, device_id, instance_id, window_s)
+        return [(RunRecord.of(row), row["was_detached_at"]) for row in rows]
+
+    async def expire_detached_runs(self, window_s: float) -> list[tuple[uuid.UUID, str]]:
+        rows = await self.pool.fetch(EXPIRE_DETACHED_RUNS, window_s)
+        return [(row["id"], row["detach_reason"]) for row in rows]
 
     async def mark_orphaned_runs(self, instance_id: str, reason: str) -> int:
         rows = await self.pool.fetch(MARK_ORPHANED_RUNS, instance_id, reason)

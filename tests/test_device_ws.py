@@ -70,7 +70,11 @@ async def close_of(ws: aiohttp.ClientWebSocketResponse,
         while True:
             msg = await ws.receive()
             if msg.type is aiohttp.WSMsgType.CLOSE:
-                return ws.close_code, msg.extra or ""
+                # The code of the close frame itself: aiohttp's client turns its own
+                # close_code into 1006 when its close reply cannot be written, which
+                # happens when the server drops the TCP connection right after its
+                # close frame (aiohttp does that when another task is reading).
+                return msg.data, msg.extra or ""
             if msg.type in (aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED,
                             aiohttp.WSMsgType.ERROR):
                 return ws.close_code, ""
@@ -87,7 +91,11 @@ async def hello_close(gateway: Harness, first: dict[str, Any] | str | bytes,
         while True:
             msg = await ws.receive()
             if msg.type is aiohttp.WSMsgType.CLOSE:
-                return ws.close_code, msg.extra or "", seen
+                # The code of the close frame itself: aiohttp's client turns its own
+                # close_code into 1006 when its close reply cannot be written, which
+                # happens when the server drops the TCP connection right after its
+                # close frame (aiohttp does that when another task is reading).
+                return msg.data, msg.extra or "", seen
             if msg.type in (aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED,
                             aiohttp.WSMsgType.ERROR):
                 return ws.close_code, "", seen

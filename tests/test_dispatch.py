@@ -45,6 +45,7 @@ class Wire:
         before = len(self.sent)
         raw = orjson.dumps(frame) if isinstance(frame, dict) else frame
         await dispatch(self.ctx, raw)
+        await self.conn.drained()  # sends are queued; the connection's writer sends them
         return [orjson.loads(raw) for raw in self.sent[before:]]
 
 
@@ -75,7 +76,8 @@ async def wire() -> Wire:
                         authenticator=authenticator, metrics=Metrics(), heartbeat_s=30,
                         bad_frames_per_minute=BAD_FRAMES_PER_MINUTE)
     # The endpoint sends hello_ack first; until then frames are held back.
-    await conn.acknowledge(b'{"type":"hello_ack"}')
+    conn.acknowledge(b'{"type":"hello_ack"}')
+    await conn.drained()
     sent.clear()
     return Wire(ctx, sent, closes)
 
@@ -89,12 +91,14 @@ async def test_every_protocol_frame_type_has_a_handler() -> None:
 async def test_ping_is_answered_with_exact_pong_bytes(wire: Wire) -> None:
     """ping → exactly the bytes {"type":"pong"}."""
     await dispatch(wire.ctx, b'{"type":"ping"}')
+    await wire.conn.drained()
     assert wire.sent == [b'{"type":"pong"}']
 
 
 async def test_str_frames_are_dispatched_too(wire: Wire) -> None:
     """dispatch accepts text as str as well as bytes."""
     await dispatch(wire.ctx, '{"type": "ping"}')
+    await wire.conn.drained()
     assert wire.frames() == [{"type": "pong"}]
 
 
@@ -263,4 +267,5 @@ async def test_nothing_is_sent_to_a_closing_connection(wire: Wire) -> None:
     """Once the connection is closing, frames are dropped quietly instead of written."""
     wire.conn.mark_closing(4000, "replaced")
     await dispatch(wire.ctx, b"garbage")
+    await wire.conn.drained()
     assert wire.sent == []

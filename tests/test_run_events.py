@@ -310,9 +310,13 @@ async def test_sse_stream_sends_agent_data_blocks_then_an_end_block_with_the_rec
         ("completed", 5, {"ok": True}), record
 
 
-async def test_stream_of_a_run_that_ends_without_completing_ends_too(gateway: Harness) -> None:
-    """A device that disconnects mid-run: its reader gets the stored events and an end
-    record with status error; a reader of a cancelled pending run gets just the end."""
+async def test_stream_of_a_run_that_ends_without_completing_ends_too(
+    make_gateway: MakeGateway,
+) -> None:
+    """GATEWAY_RUN_RESUME_S=0: a device that disconnects mid-run: its reader gets the
+    stored events and an end record with status error; a reader of a cancelled pending
+    run gets just the end."""
+    gateway = await make_gateway(run_resume_s=0)
     device = await gateway.device("user-1", "device-1", [AGENT])
     run_id = await start_run(gateway, device)
     response = await open_events(gateway, run_id, sse=True)

@@ -24,7 +24,7 @@ AGENT = "agent-1"
 RUN_RECORD_KEYS = {
     "run_id", "user_id", "agent_id", "device_id", "status", "input", "result", "errors",
     "scheduled_at", "started_at", "finished_at", "event_count", "gateway_instance",
-    "created_at", "updated_at",
+    "created_at", "updated_at", "detached_at", "detach_reason",
 }
 JSON_COLUMNS = ("input", "result", "errors")
 
@@ -532,9 +532,10 @@ class RecordingTarget:
     device_id: str
     connection_id: str = attrs.field(factory=lambda: str(uuid.uuid4()))
     closing: bool = False
+    event_acks: bool = False
     sent: list[dict[str, Any]] = attrs.Factory(list)
 
-    async def send(self, frame: bytes) -> None:
+    def send(self, frame: bytes) -> None:
         self.sent.append(orjson.loads(frame))
 
 
@@ -550,7 +551,7 @@ async def test_a_run_cancelled_between_hello_claim_and_its_agent_run_is_never_an
     assert [str(record.id) for record in claimed] == [answer["run_id"]]
     status, record = await gateway.api("POST", f"/runs/{answer['run_id']}/cancel")
     assert status == 200 and record["status"] == "cancelled", record
-    await runs.send_claimed(target, claimed)
+    runs.send_claimed(target, claimed)
     assert target.sent == []
     row = await run_row(gateway.svc.pool, answer["run_id"])
     assert row["status"] == "cancelled", row
@@ -563,7 +564,7 @@ async def test_a_claimed_run_once_announced_is_cancelled_on_its_device(
     runs = gateway.svc.runs
     target = RecordingTarget("user-1", "device-1")
     claimed = await runs.claim_for(target, [AGENT])
-    await runs.send_claimed(target, claimed)
+    runs.send_claimed(target, claimed)
     status, record = await gateway.api("POST", f"/runs/{answer['run_id']}/cancel")
     assert status == 200, record
     assert [(f["type"], f["run_id"]) for f in target.sent] == [
@@ -689,7 +690,11 @@ async def test_agent_data_with_nul_escape_is_refused_and_nothing_stored(
 # ---------------------------------------------------------------- devices going away
 
 
-async def test_disconnect_fails_only_the_runs_of_the_device_that_went(gateway: Harness) -> None:
+async def test_disconnect_fails_only_the_runs_of_the_device_that_went(
+    make_gateway: MakeGateway,
+) -> None:
+    """GATEWAY_RUN_RESUME_S=0 (revision .4): the runs of the device that went fail at once."""
+    gateway = await make_gateway(run_resume_s=0)
     leaving = await gateway.device("user-1", "device-1", [AGENT])
     staying = await gateway.device("user-1", "device-2", [AGENT])
     lost = await start_run(gateway, leaving)
@@ -716,8 +721,9 @@ async def test_disconnect_fails_only_the_runs_of_the_device_that_went(gateway: H
 async def test_restart_marks_its_own_orphaned_running_runs_as_error(
     make_gateway: MakeGateway, database_url: str,
 ) -> None:
-    """A running row of this instance (left by its previous life) is error "gateway
-    restarted" once the gateway is up; another instance's running row is untouched."""
+    """GATEWAY_RUN_RESUME_S=0 (revision .4): a running row of this instance (left by its
+    previous life) is error "gateway restarted" once the gateway is up; another
+    instance's running row is untouched."""
     mine, theirs, waiting = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
     conn = await asyncpg.connect(database_url)
     try:
@@ -730,7 +736,7 @@ async def test_restart_marks_its_own_orphaned_running_runs_as_error(
     finally:
         await conn.close()
 
-    gateway = await make_gateway()
+    gateway = await make_gateway(run_resume_s=0)
     row = await run_row(gateway.svc.pool, str(mine))
     assert row["status"] == "error", row
     assert row["errors"] == ["gateway restarted"], row

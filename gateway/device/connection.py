@@ -9,28 +9,29 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import datetime as dt
 import itertools
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import attrs
 import structlog
 
+from gateway.device.outbox import MIN_QUEUED_BYTES, Outbox, OutboxBroken, OutboxFull, SendFn
 from gateway.wire import codes, messages
 from gateway.wire.codes import CloseCode
 from gateway.wire.frames import ToolResult
 
-SendFn = Callable[[bytes], Awaitable[None]]
 CloseFn = Callable[[int, str], Coroutine[Any, Any, Any]]
 
 log = structlog.get_logger(__name__)
 
-# Frames queued for a device before its hello_ack; bounded so a hello that
-# never completes cannot pin memory.
-MAX_FRAMES_BEFORE_ACK = 10_000
+# A close waits this long for the frames queued before it (an agent_cancel,
+# the tool_cancel of a drain) to be written first.
+CLOSE_AFTER_QUEUE_S = 1.0
 
 
 class ConnectionGone(Exception):
@@ -95,6 +96,9 @@ class Connection:
     send_fn: SendFn
     close_fn: CloseFn
     max_inflight_calls: int
+    max_queued_bytes: int = MIN_QUEUED_BYTES
+    # The device said hello with the "event_acks" capability (PROTOCOL.md §1.8).
+    event_acks: bool = False
     connection_id: str = attrs.field(factory=lambda: str(uuid.uuid4()))
     connected_at: dt.datetime = attrs.field(factory=lambda: dt.datetime.now(dt.UTC))
     expires_at: float | None = None  # unix time incl. leeway
@@ -103,8 +107,7 @@ class Connection:
     frames_out: int = 0
     close_code: int | None = None
     close_reason: str = ""
-    _acked: bool = False
-    _before_ack: list[bytes] = attrs.Factory(list)
+    _outbox: Outbox = attrs.field(init=False)
     _closing: bool = False
     _close_task: asyncio.Task[Any] | None = None
     _expiry_handle: asyncio.TimerHandle | None = None
@@ -117,33 +120,45 @@ class Connection:
         """True once the connection started to go; nothing new is given to it."""
         return self._closing
 
+    def __attrs_post_init__(self) -> None:
+        self._outbox = Outbox(self.send_fn, max_bytes=self.max_queued_bytes,
+                              on_sent=self._sent, on_broken=self._broken)
+
     # ------------------------------------------------------------ sending
 
-    async def send(self, frame: bytes) -> None:
-        """Send one frame; frames sent before hello_ack wait for it."""
+    def send(self, frame: bytes) -> None:
+        """Queue one frame for the device; never waits (frames before hello_ack wait for it).
+
+        Raises ConnectionGone when the connection is going, and closes a device
+        that does not read what it is sent (its queue bound).
+        """
         if self._closing:
             raise ConnectionGone("connection is closing")
-        if not self._acked:
-            if len(self._before_ack) >= MAX_FRAMES_BEFORE_ACK:
-                raise ConnectionGone("too many frames queued before hello_ack")
-            self._before_ack.append(frame)
-            return
-        await self._write(frame)
-
-    async def _write(self, frame: bytes) -> None:
         try:
-            await self.send_fn(frame)
-        except (ConnectionError, RuntimeError) as exc:
+            self._outbox.put(frame)
+        except OutboxBroken as exc:
             raise ConnectionGone(str(exc)) from None
+        except OutboxFull as exc:
+            log.warning("device_send_queue_full", detail=str(exc))
+            self.request_close(CloseCode.POLICY, "not reading its frames")
+            raise ConnectionGone(str(exc)) from None
+
+    def acknowledge(self, hello_ack: bytes) -> None:
+        """hello_ack goes out first, then whatever was dispatched meanwhile (PROTOCOL.md §1.2)."""
+        self._outbox.put(hello_ack, first=True)
+        self._outbox.release()
+
+    async def drained(self, within_s: float = 5.0) -> bool:
+        """Every frame queued so far is written (at most ``within_s``); True if so."""
+        written: bool = await self._outbox.drained(within_s)
+        return written
+
+    def _sent(self, frame: bytes) -> None:
         self.frames_out += 1
 
-    async def acknowledge(self, hello_ack: bytes) -> None:
-        """Send hello_ack, then whatever was dispatched meanwhile (PROTOCOL.md §1.2)."""
-        await self._write(hello_ack)
-        self._acked = True
-        queued, self._before_ack = self._before_ack, []
-        for frame in queued:
-            await self._write(frame)
+    def _broken(self, exc: BaseException) -> None:
+        log.debug("device_send_failed", error=repr(exc))
+        self.request_close(CloseCode.GOING_AWAY, "send failed")
 
     # ------------------------------------------------------------ tool calls
 
@@ -172,7 +187,7 @@ class Connection:
         self.calls[call.call_id] = call
         try:
             try:
-                await self.send(messages.tool_call(
+                self.send(messages.tool_call(
                     call_id=call.call_id, tool=tool, args=args, timeout_s=timeout_s))
             except ConnectionGone:
                 if call.future.done():  # failed by the cleanup meanwhile: seen, not needed
@@ -186,24 +201,21 @@ class Connection:
                     detail = f"the call ran past its max_timeout_s of {max_timeout_s:g} s"
                 else:
                     detail = f"no tool_result or tool_progress within {timeout_s:g} s"
-                await self._cancel_call(call, "timeout")
+                self._cancel_call(call, "timeout")
                 raise CallFailed(codes.TIMEOUT, detail) from None
             except asyncio.CancelledError:
                 # The HTTP caller went away: tell the device to stop working.
-                await self._cancel_call(call, "caller_gone")
+                self._cancel_call(call, "caller_gone")
                 raise
         finally:
             call.disarm()
             self.calls.pop(call.call_id, None)
 
-    async def _cancel_call(self, call: PendingCall, reason: str) -> None:
+    def _cancel_call(self, call: PendingCall, reason: str) -> None:
         if self._closing:
             return
-        try:
-            async with asyncio.timeout(1.0):
-                await self.send(messages.tool_cancel(call_id=call.call_id, reason=reason))
-        except (ConnectionGone, TimeoutError):
-            pass
+        with contextlib.suppress(ConnectionGone):
+            self.send(messages.tool_cancel(call_id=call.call_id, reason=reason))
 
     def resolve_call(self, result: ToolResult) -> bool:
         """Hand a tool_result to its waiting caller; False if no such call is pending."""
@@ -266,9 +278,15 @@ class Connection:
         if self._closing:
             return
         self.mark_closing(code, reason)
+        # What was queued before the close (an agent_cancel, a tool_cancel) goes first.
+        closing = (self.close_fn(code, reason) if self._outbox.idle
+                   else self._close_after_queue(code, reason))
         self._close_task = asyncio.get_running_loop().create_task(
-            self.close_fn(code, reason), name=f"close-{self.connection_id}"
-        )
+            closing, name=f"close-{self.connection_id}")
+
+    async def _close_after_queue(self, code: int, reason: str) -> None:
+        await self._outbox.drained(CLOSE_AFTER_QUEUE_S)
+        await self.close_fn(code, reason)
 
     def mark_closing(self, code: int, reason: str) -> None:
         """From now on nothing new is given to this connection."""

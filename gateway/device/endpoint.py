@@ -13,10 +13,11 @@ from gateway.auth import AUTHENTICATOR, AuthError, bearer_token
 from gateway.config import SETTINGS
 from gateway.device.connection import Connection, ConnectionGone
 from gateway.device.handlers import DeviceContext, dispatch, refuse
+from gateway.device.outbox import MIN_QUEUED_BYTES
 from gateway.device.registry import REGISTRY
 from gateway.device.sockets import DEVICE_SOCKETS
 from gateway.metrics import METRICS, Metrics
-from gateway.runs.lifecycle import RUNS
+from gateway.runs.lifecycle import RUNS, Gone
 from gateway.shutdown import SHUTDOWN
 from gateway.wire import codes, frames, messages
 from gateway.wire.codes import CloseCode
@@ -149,25 +150,35 @@ async def _serve_device(
         user_id=user_id, device_id=hello.device_id, agent_ids=hello.agent_ids,
         send_fn=send, close_fn=close,
         max_inflight_calls=settings.max_inflight_calls_per_device,
+        max_queued_bytes=max(MIN_QUEUED_BYTES, 4 * settings.max_frame_bytes),
+        event_acks=hello.event_acks,
     )
     ctx = DeviceContext(
         conn=conn, runs=runs, authenticator=app[AUTHENTICATOR], metrics=metrics,
         heartbeat_s=settings.heartbeat_s, bad_frames_per_minute=settings.bad_frames_per_minute,
     )
     started = time.monotonic()
-    previous = registry.register(conn)
-    metrics.devices_connected.set(len(registry))
-    if previous is not None:
-        log.info("device_replaced", old_connection_id=previous.connection_id)
-        previous.request_close(CloseCode.REPLACED, "replaced")
-    conn.arm_expiry(expires_at)
-    log.info("device_connected", connection_id=conn.connection_id,
-             agent_ids=list(conn.agent_ids), replaced=previous is not None)
     try:
-        claimed = await runs.claim_for(conn, hello.agent_ids)
-        await conn.acknowledge(messages.hello_ack(
-            connection_id=conn.connection_id, heartbeat_s=settings.heartbeat_s))
-        await runs.send_claimed(conn, claimed)
+        # The device's turn, from registration to the ack: an earlier connection's
+        # cleanup cannot detach runs this hello is taking over, nor a second hello
+        # resume them twice (gateway/runs/continuity.py).
+        async with runs.continuity.turn(user_id, hello.device_id):
+            previous = registry.register(conn)
+            metrics.devices_connected.set(len(registry))
+            if previous is not None:
+                log.info("device_replaced", old_connection_id=previous.connection_id)
+                previous.request_close(CloseCode.REPLACED, "replaced")
+            conn.arm_expiry(expires_at)
+            log.info("device_connected", connection_id=conn.connection_id,
+                     agent_ids=list(conn.agent_ids), replaced=previous is not None,
+                     event_acks=conn.event_acks)
+            attached = runs.continuity.hand_over(conn) + await runs.continuity.resume(conn)
+            claimed = await runs.claim_for(conn, hello.agent_ids)
+            conn.acknowledge(messages.hello_ack(
+                connection_id=conn.connection_id, heartbeat_s=settings.heartbeat_s,
+                runs=[messages.AttachedRun(str(a.run_id), a.agent_id, a.last_seq)
+                      for a in attached]))
+        runs.send_claimed(conn, claimed)
         await _receive_loop(ctx, ws)
     except ConnectionGone:
         pass
@@ -213,12 +224,14 @@ async def _cleanup(app: web.Application, ws: web.WebSocketResponse, conn: Connec
         failed_calls = conn.fail_pending(codes.GATEWAY_SHUTDOWN, "the gateway is shutting down")
     else:
         failed_calls = conn.fail_pending(codes.DEVICE_DISCONNECTED, "the device disconnected")
-    failed_runs: list[str] = []
+    runs = app[RUNS]
+    gone = Gone()
     try:
         reason = (codes.RUN_ERROR_GATEWAY_SHUTDOWN if draining
                   else codes.RUN_ERROR_DEVICE_DISCONNECTED)
-        failed_runs = [str(r) for r in await app[RUNS].target_gone(conn, reason)]
-    except Exception as exc:  # the restart sweep marks them if the database is down
+        async with runs.continuity.turn(conn.user_id, conn.device_id):
+            gone = await runs.target_gone(conn, reason)
+    except Exception as exc:  # the restart sweep finds them if the database is down
         metrics.db_errors.labels("device_gone").inc()
         log.error("device_cleanup_failed", error=repr(exc))
     if not ws.closed:
@@ -230,5 +243,6 @@ async def _cleanup(app: web.Application, ws: web.WebSocketResponse, conn: Connec
         "device_disconnected", connection_id=conn.connection_id, close_code=code,
         reason=conn.close_reason or None, duration_s=round(time.monotonic() - started, 3),
         frames_in=conn.frames_in, frames_out=conn.frames_out, failed_calls=failed_calls,
-        failed_runs=failed_runs, was_current=removed,
+        failed_runs=[str(r) for r in gone.failed],
+        detached_runs=[str(r) for r in gone.detached], was_current=removed,
     )

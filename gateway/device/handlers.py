@@ -55,7 +55,7 @@ async def handle_tool_progress(ctx: DeviceContext, frame: Frame) -> None:
 
 async def handle_agent_data(ctx: DeviceContext, frame: Frame) -> None:
     event = frames.parse_agent_data(frame)
-    await ctx.runs.accept_event(ctx.conn, event.run_id, event.data)
+    await ctx.runs.accept_event(ctx.conn, event.run_id, event.data, event.seq)
 
 
 async def handle_agent_complete(ctx: DeviceContext, frame: Frame) -> None:
@@ -65,7 +65,7 @@ async def handle_agent_complete(ctx: DeviceContext, frame: Frame) -> None:
 
 
 async def handle_ping(ctx: DeviceContext, frame: Frame) -> None:
-    await ctx.conn.send(messages.PONG)
+    ctx.conn.send(messages.PONG)
 
 
 async def handle_pong(ctx: DeviceContext, frame: Frame) -> None:
@@ -93,15 +93,20 @@ async def handle_auth_refresh(ctx: DeviceContext, frame: Frame) -> None:
 
 
 async def handle_device_hello(ctx: DeviceContext, frame: Frame) -> None:
-    """A later hello: same device, new agent list, pending runs for it, a new ack."""
+    """A later hello: same device, new agent list, pending runs for it, a new ack.
+
+    Its ``capabilities`` are those of the first hello: event_acks cannot be
+    switched on or off mid-connection (the seq of runs in flight depends on it).
+    ``hello_ack.runs`` is empty: this hello attached no running run.
+    """
     hello = frames.parse_hello(frame)
     if hello.device_id != ctx.conn.device_id:
         raise FrameError("device_id cannot change on a connection", ref=frame.type)
     ctx.conn.agent_ids = hello.agent_ids
     claimed = await ctx.runs.claim_for(ctx.conn, hello.agent_ids)
-    await ctx.conn.send(messages.hello_ack(
+    ctx.conn.send(messages.hello_ack(
         connection_id=ctx.conn.connection_id, heartbeat_s=ctx.heartbeat_s))
-    await ctx.runs.send_claimed(ctx.conn, claimed)
+    ctx.runs.send_claimed(ctx.conn, claimed)
 
 
 HANDLERS: Final[dict[str, Handler]] = {
@@ -140,7 +145,7 @@ async def refuse(ctx: DeviceContext, code: str, message: str, ref: str | None) -
     ctx.metrics.bad_frames.labels(code).inc()
     log.debug("frame_refused", code=code, ref=ref, detail=message)
     try:
-        await ctx.conn.send(messages.error(code=code, message=message, ref=ref))
+        ctx.conn.send(messages.error(code=code, message=message, ref=ref))
     except ConnectionGone:
         return
     # Only malformed frames count as abuse: a device streaming into a run that

@@ -20,7 +20,8 @@ from gateway.device.registry import REGISTRY
 from gateway.http.envelope import ApiError, json_response
 from gateway.http.streaming import stream_run_events
 from gateway.metrics import METRICS
-from gateway.runs.lifecycle import RUNS, RunAlreadyFinished, RunNotFound, parse_run_id
+from gateway.runs.lifecycle import RUNS, RunAlreadyFinished, RunNotFound
+from gateway.runs.tracking import parse_run_id
 from gateway.shutdown import SHUTDOWN
 from gateway.store import RUN_STATUSES, RunRecord, Store
 from gateway.wire import codes

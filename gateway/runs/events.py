@@ -15,6 +15,7 @@ import asyncio
 import collections
 import datetime as dt
 import uuid
+from collections.abc import Callable, Mapping
 
 import asyncpg
 import attrs
@@ -45,6 +46,9 @@ class EventWriter:
     live: LiveEvents
     queue_max: int = 20_000
     batch_max: int = 2000
+    # Told, after each commit, the highest seq stored per run in the batch
+    # (acks under event_acks); must not wait for anything.
+    on_commit: Callable[[Mapping[uuid.UUID, int]], None] | None = None
     _buffer: collections.deque[EventRecord] = attrs.Factory(collections.deque)
     _enqueued: int = 0  # events ever put
     _committed: int = 0  # events ever stored
@@ -115,7 +119,7 @@ class EventWriter:
                 continue
             count = min(len(self._buffer), self.batch_max)
             batch = [self._buffer[i] for i in range(count)]
-            await self._write_with_retry(batch)
+            last_seq = await self._write_with_retry(batch)
             for _ in range(count):
                 self._buffer.popleft()
             self._committed += count
@@ -125,8 +129,10 @@ class EventWriter:
             self.metrics.event_queue_depth.set(len(self._buffer))
             self._release_flush_waiters()
             self._publish(batch)
+            if self.on_commit is not None:
+                self.on_commit(last_seq)
 
-    async def _write_with_retry(self, batch: list[EventRecord]) -> None:
+    async def _write_with_retry(self, batch: list[EventRecord]) -> dict[uuid.UUID, int]:
         last_seq: dict[uuid.UUID, int] = {}
         for run_id, seq, _data, _at in batch:
             if seq > last_seq.get(run_id, 0):
@@ -135,7 +141,7 @@ class EventWriter:
         while True:
             try:
                 await self.store.write_events(batch, last_seq)
-                return
+                return last_seq
             except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
                 # Never drop: keep the batch, back off, try again. Devices stay
                 # paused meanwhile because the buffer stays full.

@@ -12,10 +12,9 @@ and the event writer are modules of their own beside it.
 from __future__ import annotations
 
 import asyncio
-import collections
 import datetime as dt
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import attrs
@@ -24,31 +23,14 @@ import structlog
 from aiohttp import web
 
 from gateway.metrics import Metrics
+from gateway.runs.continuity import Continuity
 from gateway.runs.events import EventWriter
 from gateway.runs.live import LiveEvents
+from gateway.runs.tracking import ActiveRun, RunTarget, Tracking, parse_run_id
 from gateway.store import RunRecord, Store
 from gateway.wire import codes, messages
 
 log = structlog.get_logger(__name__)
-
-# Remembered per target so a late frame for a run it just ended is answered
-# `run_finished` without a database round trip.
-RECENTLY_FINISHED_PER_TARGET = 256
-
-
-class RunTarget(Protocol):
-    """A connected device a run can be dispatched to."""
-
-    @property
-    def user_id(self) -> str: ...
-    @property
-    def device_id(self) -> str: ...
-    @property
-    def connection_id(self) -> str: ...
-    @property
-    def closing(self) -> bool: ...
-    async def send(self, frame: bytes) -> None: ...
-
 
 class RunTargets(Protocol):
     """Where runs find their device: the registry of connected devices."""
@@ -77,22 +59,12 @@ class RunAlreadyFinished(Exception):
         self.record = record
 
 
-@attrs.define(eq=False)
-class ActiveRun:
-    run_id: uuid.UUID
-    agent_id: str
-    target: RunTarget
-    last_seq: int
-    # agent_run has gone to the device. A run claimed at hello is announced only
-    # after hello_ack; cancelled before that, its device hears nothing of it.
-    announced: bool = False
+@attrs.frozen
+class Gone:
+    """What a connection's end did to the runs it fed."""
 
-
-def parse_run_id(value: str) -> uuid.UUID | None:
-    try:
-        return uuid.UUID(value)
-    except (ValueError, TypeError, AttributeError):
-        return None
+    failed: list[uuid.UUID] = attrs.Factory(list)
+    detached: list[uuid.UUID] = attrs.Factory(list)
 
 
 @attrs.define(eq=False)
@@ -103,24 +75,19 @@ class Runs:
     metrics: Metrics
     instance_id: str
     targets: RunTargets
-    _active: dict[uuid.UUID, ActiveRun] = attrs.Factory(dict)
-    _active_by_text: dict[str, ActiveRun] = attrs.Factory(dict)
-    _by_target: dict[str, set[uuid.UUID]] = attrs.Factory(dict)
-    _finished_by_target: dict[str, collections.OrderedDict[uuid.UUID, None]] = attrs.Factory(
-        dict)
+    continuity: Continuity
+    tracking: Tracking
     # Set when a run is created for later: the scheduler looks again.
     scheduler_wake: asyncio.Event = attrs.Factory(asyncio.Event)
+
+    def __attrs_post_init__(self) -> None:
+        self.writer.on_commit = self._stored
 
     # ------------------------------------------------------------ start-up
 
     async def mark_orphans(self) -> int:
-        """Runs this instance left running in an earlier life are errors now."""
-        count = await self.store.mark_orphaned_runs(
-            self.instance_id, codes.RUN_ERROR_GATEWAY_RESTARTED)
-        if count:
-            self.metrics.runs.labels("error").inc(count)
-            log.warning("orphaned_runs_marked", count=count, instance_id=self.instance_id)
-        return count
+        """Runs this instance left running in an earlier life: detached (or failed) now."""
+        return await self.continuity.sweep(codes.RUN_ERROR_GATEWAY_RESTARTED)
 
     # ------------------------------------------------------------ creation and dispatch
 
@@ -175,16 +142,16 @@ class Runs:
                 claimed.append(record)
         return claimed
 
-    async def send_claimed(self, target: RunTarget, records: Sequence[RunRecord]) -> None:
+    def send_claimed(self, target: RunTarget, records: Sequence[RunRecord]) -> None:
         for record in records:
-            active = self._active.get(record.id)
+            active = self.tracking.get(record.id)
             if active is not None and active.target is target:  # not cancelled meanwhile
-                await self._send_run(record, active)
+                self._send_run(record, active)
 
-    async def _send_run(self, record: RunRecord, active: ActiveRun) -> None:
-        active.announced = True  # before the await: a cancel from now on must follow it
+    def _send_run(self, record: RunRecord, active: ActiveRun) -> None:
+        active.announced = True
         try:
-            await active.target.send(messages.agent_run(
+            active.target.send(messages.agent_run(
                 run_id=str(record.id), agent_id=record.agent_id, input_json=record.input))
         except Exception as exc:  # the device's own cleanup ends the run
             log.info("run_dispatch_send_failed", run_id=str(record.id), error=repr(exc))
@@ -197,14 +164,13 @@ class Runs:
             # already looked at its runs, so this one is ended here.
             await self._fail(record.id, codes.RUN_ERROR_DEVICE_DISCONNECTED)
             return False
-        active = ActiveRun(record.id, record.agent_id, target, record.event_count)
-        self._active[record.id] = active
-        self._active_by_text[str(record.id)] = active
-        self._by_target.setdefault(target.connection_id, set()).add(record.id)
+        active = ActiveRun(record.id, record.agent_id, target, record.event_count,
+                           record.event_count)
+        self.tracking.add(active)
         log.info("run_dispatched", run_id=str(record.id), agent_id=record.agent_id,
                  user_id=target.user_id, device_id=target.device_id)
         if send:
-            await self._send_run(record, active)
+            self._send_run(record, active)
         return True
 
     async def _fail(self, run_id: uuid.UUID, reason: str) -> None:
@@ -215,25 +181,12 @@ class Runs:
 
     # ------------------------------------------------------------ frames from the device
 
-    def _owned(self, target: RunTarget, run_id_text: str) -> ActiveRun | None:
-        # Devices echo the id as agent_run gave it: a dict hit, no UUID parsing
-        # per event (that was an eighth of the ingest path); other spellings of
-        # the same UUID still resolve.
-        active = self._active_by_text.get(run_id_text)
-        if active is None:
-            run_id = parse_run_id(run_id_text)
-            active = self._active.get(run_id) if run_id is not None else None
-        if active is None or active.target is not target:
-            return None
-        return active
-
     async def _refusal(self, target: RunTarget, run_id_text: str) -> RunRefused:
         """unknown_run or run_finished, the same answer for foreign and absent runs."""
         run_id = parse_run_id(run_id_text)
         if run_id is None:
             return RunRefused(codes.UNKNOWN_RUN, "no such run on this connection")
-        recent = self._finished_by_target.get(target.connection_id)
-        finished = recent is not None and run_id in recent
+        finished = self.tracking.recently_finished(target, run_id)
         if not finished:
             status = await self.store.run_status_for_device(
                 run_id, user_id=target.user_id, device_id=target.device_id)
@@ -242,21 +195,49 @@ class Runs:
             return RunRefused(codes.RUN_FINISHED, "the run has already ended")
         return RunRefused(codes.UNKNOWN_RUN, "no such run on this connection")
 
-    async def accept_event(self, target: RunTarget, run_id_text: str, data: Any) -> int:
-        """Number and queue one agent_data event; returns its seq."""
-        active = self._owned(target, run_id_text)
+    async def accept_event(
+        self, target: RunTarget, run_id_text: str, data: Any, seq: int | None = None
+    ) -> None:
+        """Number and queue one agent_data event (checking its seq under event_acks, §1.8)."""
+        active = self.tracking.owned(target, run_id_text)
         if active is None:
             raise await self._refusal(target, run_id_text)
+        if target.event_acks:
+            if seq is None:
+                raise RunRefused(codes.BAD_FRAME, "'seq' is required under event_acks")
+            if seq <= active.last_seq:
+                # Sent again after a reconnect: stored once already (or about to be).
+                self.metrics.events_duplicate.inc()
+                if seq <= active.stored_seq:
+                    self._acknowledge(active)
+                return  # otherwise the commit of the events before it acks it
+            if seq != active.last_seq + 1:
+                raise RunRefused(codes.BAD_FRAME,
+                                 f"'seq' {seq} skips events: expected {active.last_seq + 1}")
         active.last_seq += 1
-        seq = active.last_seq
-        await self.writer.put(active.run_id, seq, orjson.dumps(data).decode())
-        return seq
+        await self.writer.put(active.run_id, active.last_seq, orjson.dumps(data).decode())
+
+    def _stored(self, last_seq_by_run: Mapping[uuid.UUID, int]) -> None:
+        """A batch was committed: acks, one per run, to devices that asked for them."""
+        for run_id, seq in last_seq_by_run.items():
+            active = self.tracking.get(run_id)
+            if active is not None and seq > active.stored_seq:
+                active.stored_seq = seq
+                if active.target.event_acks:
+                    self._acknowledge(active)
+
+    def _acknowledge(self, active: ActiveRun) -> None:
+        try:
+            active.target.send(messages.agent_ack(run_id=str(active.run_id),
+                                                  seq=active.stored_seq))
+        except Exception:  # the connection is going; the device resends after its hello
+            return
 
     async def complete(
         self, target: RunTarget, run_id_text: str, *, status: str, errors: Sequence[str],
         result: Any, has_result: bool,
     ) -> RunRecord:
-        active = self._owned(target, run_id_text)
+        active = self.tracking.owned(target, run_id_text)
         if active is None:
             raise await self._refusal(target, run_id_text)
         # Reported finished only once every event is stored (§3.4). The run stays
@@ -266,28 +247,13 @@ class Runs:
         record = await self.store.finish_run(
             active.run_id, status=status, errors=errors,
             result_json=orjson.dumps(result).decode() if has_result else None)
-        self._forget(active)
+        self.tracking.forget(active)
         self.live.end(active.run_id)
         if record is None:
             raise RunRefused(codes.RUN_FINISHED, "the run has already ended")
         self.metrics.runs.labels(status).inc()
         self._log_end(record)
         return record
-
-    def _forget(self, active: ActiveRun) -> None:
-        self._active.pop(active.run_id, None)
-        self._active_by_text.pop(str(active.run_id), None)
-        key = active.target.connection_id
-        ids = self._by_target.get(key)
-        if ids is not None:
-            ids.discard(active.run_id)
-            if not ids:
-                del self._by_target[key]
-        if not active.target.closing:
-            recent = self._finished_by_target.setdefault(key, collections.OrderedDict())
-            recent[active.run_id] = None
-            if len(recent) > RECENTLY_FINISHED_PER_TARGET:
-                recent.popitem(last=False)
 
     def _log_end(self, record: RunRecord) -> None:
         duration = None
@@ -300,29 +266,28 @@ class Runs:
 
     # ------------------------------------------------------------ the device went
 
-    async def target_gone(self, target: RunTarget, reason: str) -> list[uuid.UUID]:
-        """Mark error every run dispatched to *this* connection and still running."""
-        key = target.connection_id
-        self._finished_by_target.pop(key, None)
-        run_ids = self._by_target.pop(key, set())
-        for run_id in run_ids:
-            self._active.pop(run_id, None)
-            self._active_by_text.pop(str(run_id), None)
-        if not run_ids:
-            return []
+    async def target_gone(self, target: RunTarget, reason: str) -> Gone:
+        """The runs *this* connection fed: detached for the device to resume (§1.8),
+        or, with GATEWAY_RUN_RESUME_S=0, errors at once. Call within its device's turn."""
+        actives = self.tracking.take(target)
+        if not actives:
+            return Gone()
+        run_ids = sorted(active.run_id for active in actives)
         await self.writer.flush()
-        failed = await self.store.fail_runs(sorted(run_ids), reason)
+        if self.continuity.enabled:
+            return Gone(detached=await self.continuity.detach(target, run_ids, reason))
+        failed = await self.store.fail_runs(run_ids, reason)
         for run_id in run_ids:
             self.live.end(run_id)
         if failed:
             self.metrics.runs.labels("error").inc(len(failed))
             log.info("runs_failed", reason=reason, runs=[str(r) for r in failed],
                      user_id=target.user_id, device_id=target.device_id)
-        return failed
+        return Gone(failed=failed)
 
     async def fail_instance_runs(self, reason: str) -> int:
-        """Drain's last sweep: nothing this instance dispatched stays running."""
-        return await self.store.mark_orphaned_runs(self.instance_id, reason)
+        """Drain's last sweep: nothing this instance dispatched stays attached."""
+        return await self.continuity.sweep(reason)
 
     # ------------------------------------------------------------ the internal API
 
@@ -336,7 +301,7 @@ class Runs:
         record, previous = outcome
         self.metrics.runs.labels("cancelled").inc()
         if previous == "running":
-            if run_id in self._active:
+            if run_id in self.tracking:
                 await self._stop_active(run_id, reason)
             else:  # its device may be connected to another gateway process
                 await self.store.notify_run_cancelled(run_id)
@@ -347,21 +312,21 @@ class Runs:
 
     async def _stop_active(self, run_id: uuid.UUID, reason: str) -> None:
         """Stop tracking a cancelled run and tell its device."""
-        active = self._active.get(run_id)
+        active = self.tracking.get(run_id)
         if active is None:
             return
-        self._forget(active)
+        self.tracking.forget(active)
         if not active.announced:  # claimed at hello, cancelled before its agent_run
             return
         try:
-            await active.target.send(messages.agent_cancel(run_id=str(run_id), reason=reason))
+            active.target.send(messages.agent_cancel(run_id=str(run_id), reason=reason))
         except Exception as exc:
             log.info("agent_cancel_send_failed", run_id=str(run_id), error=repr(exc))
 
     async def cancelled_elsewhere(self, run_id_text: str) -> None:
         """Another gateway process cancelled a run: if our device feeds it, stop it."""
         run_id = parse_run_id(run_id_text)
-        if run_id is None or run_id not in self._active:
+        if run_id is None or run_id not in self.tracking:
             return
         await self._stop_active(run_id, "cancelled")
         await self.writer.flush()

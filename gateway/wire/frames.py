@@ -18,6 +18,9 @@ from gateway.wire import codes
 MAX_ID_CHARS = 256
 MAX_AGENT_IDS = 256
 MAX_CALL_ID_CHARS = 256
+MAX_CAPABILITIES = 32
+MAX_CAPABILITY_CHARS = 64
+EVENT_ACKS = "event_acks"
 # C0 controls, DEL and C1 controls are refused in ids; anything printable is kept
 # because field devices send machine ids and host names.
 _CONTROL_CHARS = re.compile("[\x00-\x1f\x7f-\x9f]")
@@ -123,6 +126,12 @@ def _storable(frame: Frame, name: str, value: Any) -> None:
 class Hello:
     device_id: str
     agent_ids: tuple[str, ...]
+    # Protocol extensions the device understands; unknown ones are kept and ignored.
+    capabilities: frozenset[str] = frozenset()
+
+    @property
+    def event_acks(self) -> bool:
+        return EVENT_ACKS in self.capabilities
 
 
 def parse_hello(frame: Frame) -> Hello:
@@ -141,9 +150,17 @@ def parse_hello(frame: Frame) -> Hello:
     for agent_id in agent_ids:
         if problem := id_problem(agent_id):
             raise FrameError(f"each agent id {problem}", ref=frame.type)
+    capabilities = frame.fields.get("capabilities")
+    if capabilities is None:
+        capabilities = []
+    if (not isinstance(capabilities, list) or len(capabilities) > MAX_CAPABILITIES
+            or not all(isinstance(c, str) and 0 < len(c) <= MAX_CAPABILITY_CHARS
+                       for c in capabilities)):
+        raise FrameError(f"'capabilities' must be a list of at most {MAX_CAPABILITIES} "
+                         f"strings of 1-{MAX_CAPABILITY_CHARS} characters", ref=frame.type)
     assert isinstance(device_id, str)
     # Order kept, duplicates dropped: agent_ids is a set with a stable display order.
-    return Hello(device_id, tuple(dict.fromkeys(agent_ids)))
+    return Hello(device_id, tuple(dict.fromkeys(agent_ids)), frozenset(capabilities))
 
 
 @attrs.frozen
@@ -198,6 +215,7 @@ def parse_tool_progress(frame: Frame) -> ToolProgress:
 class AgentData:
     run_id: str
     data: Any
+    seq: int | None  # required, and checked, only under event_acks (PROTOCOL.md §1.8)
 
 
 def parse_agent_data(frame: Frame) -> AgentData:
@@ -209,7 +227,7 @@ def parse_agent_data(frame: Frame) -> AgentData:
         raise FrameError("'seq' must be an integer", ref=frame.type)
     data = frame.fields["data"]
     _storable(frame, "data", data)
-    return AgentData(run_id, data)
+    return AgentData(run_id, data, seq)
 
 
 @attrs.frozen

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from typing import Any, Final
 
+import attrs
 import orjson
 
 # Constant frames are serialised once.
@@ -23,12 +25,24 @@ def frame_type(frame: bytes) -> str:
     return frame[len(_TYPE_PREFIX):end].decode() if end > 0 else "unknown"
 
 
-def hello_ack(*, connection_id: str, heartbeat_s: float) -> bytes:
+@attrs.frozen
+class AttachedRun:
+    """A running run a hello attached to its connection (resumed or handed over, §1.8)."""
+
+    run_id: str
+    agent_id: str
+    last_seq: int
+
+
+def hello_ack(*, connection_id: str, heartbeat_s: float,
+              runs: Sequence[AttachedRun] = ()) -> bytes:
     return orjson.dumps({
         "type": "hello_ack",
         "connection_id": connection_id,
         "heartbeat_s": int(heartbeat_s) if float(heartbeat_s).is_integer() else heartbeat_s,
         "server_time": dt.datetime.now(dt.UTC).isoformat(),
+        "runs": [{"run_id": r.run_id, "agent_id": r.agent_id, "last_seq": r.last_seq}
+                 for r in runs],
     })
 
 
@@ -53,6 +67,10 @@ def agent_run(*, run_id: str, agent_id: str, input_json: str) -> bytes:
 
 def agent_cancel(*, run_id: str, reason: str) -> bytes:
     return orjson.dumps({"type": "agent_cancel", "run_id": run_id, "reason": reason})
+
+
+def agent_ack(*, run_id: str, seq: int) -> bytes:
+    return b'{"type":"agent_ack","run_id":%s,"seq":%d}' % (orjson.dumps(run_id), seq)
 
 
 def error(*, code: str, message: str, ref: str | None) -> bytes:

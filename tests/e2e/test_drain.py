@@ -79,31 +79,44 @@ async def send_three_events(runner: Device, run_id: str) -> None:
     await runner.recv_type("pong")
 
 
-async def assert_ended_by_shutdown_with_three_events(database_url: str, run_id: str) -> None:
-    """The run is `error` ("gateway shutdown"), finished, with its three events stored."""
+async def assert_ended_by_shutdown_with_three_events(
+    database_url: str, run_id: str, resume_s: str,
+) -> None:
+    """The run waits for its device, detached "gateway shutdown" (§1.8), or with
+    GATEWAY_RUN_RESUME_S=0 is `error` ("gateway shutdown"), finished; either way with its
+    three events stored."""
     conn = await asyncpg.connect(database_url)
     try:
         row = await conn.fetchrow(
-            "SELECT status, errors::text AS errors, event_count, finished_at "
-            "FROM agent_run_logs WHERE id = $1", uuid.UUID(run_id))
+            "SELECT status, errors::text AS errors, event_count, finished_at, detached_at,"
+            " detach_reason FROM agent_run_logs WHERE id = $1", uuid.UUID(run_id))
         events = await conn.fetch(
             "SELECT seq, data::text AS data FROM agent_run_events WHERE run_id = $1 "
             "ORDER BY seq", uuid.UUID(run_id))
     finally:
         await conn.close()
-    assert row["status"] == "error", row
-    assert "gateway shutdown" in orjson.loads(row["errors"]), row
-    assert row["finished_at"] is not None, row
+    if resume_s == "0":
+        assert row["status"] == "error", row
+        assert "gateway shutdown" in orjson.loads(row["errors"]), row
+        assert row["finished_at"] is not None, row
+    else:
+        assert (row["status"], row["detach_reason"]) == ("running", "gateway shutdown"), row
+        assert row["detached_at"] is not None and row["finished_at"] is None, row
     assert [(e["seq"], orjson.loads(e["data"])) for e in events] == [
         (1, {"n": 1}), (2, {"n": 2}), (3, {"n": 3})]
     assert row["event_count"] == 3
 
 
-async def test_sigterm_drains_devices_calls_and_runs(database_url: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("resume_s", ["0", "30"])
+async def test_sigterm_drains_devices_calls_and_runs(
+    database_url: str, tmp_path: Path, resume_s: str,
+) -> None:
     """Two devices, a tool call in flight, a run streaming: SIGTERM closes both devices with
-    1001, answers the call 503 gateway_shutdown, ends the run as error ("gateway shutdown")
-    with all its accepted events stored, and exits 0 within the shutdown timeout."""
-    env = database_env(database_url, GATEWAY_SHUTDOWN_TIMEOUT_S=str(SHUTDOWN_TIMEOUT_S))
+    1001, answers the call 503 gateway_shutdown, detaches the run for its device to resume
+    after the restart (or ends it as error "gateway shutdown" with resume 0) with all its
+    accepted events stored, and exits 0 within the shutdown timeout."""
+    env = database_env(database_url, GATEWAY_SHUTDOWN_TIMEOUT_S=str(SHUTDOWN_TIMEOUT_S),
+                       GATEWAY_RUN_RESUME_S=resume_s)
     with running_gateway(env, log_dir=tmp_path) as proc:
         async with aiohttp.ClientSession() as session:
             runner, run_id = await runner_with_a_run(session, proc)
@@ -128,17 +141,19 @@ async def test_sigterm_drains_devices_calls_and_runs(database_url: str, tmp_path
     print(f"drain: /readyz not ready ({how}) after {after_s:.3f} s, exit after {took_s:.2f} s")
     assert code == 0, proc.describe()
     assert took_s < SHUTDOWN_TIMEOUT_S, proc.describe()
-    await assert_ended_by_shutdown_with_three_events(database_url, run_id)
+    await assert_ended_by_shutdown_with_three_events(database_url, run_id, resume_s)
 
 
+@pytest.mark.parametrize("resume_s", ["0", "30"])
 async def test_a_slow_database_at_shutdown_loses_no_accepted_event(
-    database_url: str, tmp_path: Path
+    database_url: str, tmp_path: Path, resume_s: str,
 ) -> None:
     """The database stalls the event writer when SIGTERM arrives (another session holds the
     run's row past the 2 s budget): the gateway waits for it instead of dropping the
     accepted events (it gives the last batch at least 5 s), then exits 0 with them stored."""
     timeout_s = 2.0
-    env = database_env(database_url, GATEWAY_SHUTDOWN_TIMEOUT_S=str(timeout_s))
+    env = database_env(database_url, GATEWAY_SHUTDOWN_TIMEOUT_S=str(timeout_s),
+                       GATEWAY_RUN_RESUME_S=resume_s)
     with running_gateway(env, log_dir=tmp_path) as proc:
         async with aiohttp.ClientSession() as session:
             runner, run_id = await runner_with_a_run(session, proc)
@@ -164,7 +179,7 @@ async def test_a_slow_database_at_shutdown_loses_no_accepted_event(
     assert code == 0, proc.describe()
     assert exit_after_release_s < 3.0, proc.describe()
     assert "event_writer_stop_timeout" not in proc.events(), proc.describe()
-    await assert_ended_by_shutdown_with_three_events(database_url, run_id)
+    await assert_ended_by_shutdown_with_three_events(database_url, run_id, resume_s)
 
 
 async def test_socket_still_in_its_hello_is_closed_with_1001(

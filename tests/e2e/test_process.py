@@ -37,6 +37,7 @@ from pg import (
 from e2e.proc import (
     E2E_JWT_SECRET,
     E2E_SERVICE_TOKEN,
+    REPO_ROOT,
     call_api,
     connect_device,
     database_env,
@@ -280,7 +281,8 @@ def test_migrate_command_is_repeatable(database_url: str) -> None:
         env = database_env(dsn_with_database(database_url, empty))
         first = run_command(["migrate"], env)
         assert first.returncode == 0, first.stderr
-        assert _migrate_outcome(first.stdout) == ["0001_runs.sql"], first.stdout
+        shipped = sorted(p.name for p in (REPO_ROOT / "migrations").glob("*.sql"))
+        assert _migrate_outcome(first.stdout) == shipped, first.stdout
         second = run_command(["migrate"], env)
         assert second.returncode == 0, second.stderr
         assert _migrate_outcome(second.stdout) == [], second.stdout
@@ -337,35 +339,54 @@ async def test_logs_are_json_lines_without_secrets(database_url: str, tmp_path: 
     assert ws_paths and all("token=REDACTED" in path for path in ws_paths), ws_paths
 
 
-async def test_orphaned_runs_are_marked_before_ready(database_url: str, tmp_path: Path) -> None:
-    """A run left `running` by this instance's previous life (same <hostname>:<port>) is an
-    error ("gateway restarted") by the time /readyz first says 200; others' runs are not."""
+@pytest.mark.parametrize("resume_s", ["0", "30"])
+async def test_orphaned_runs_are_swept_before_ready(
+    database_url: str, tmp_path: Path, resume_s: str,
+) -> None:
+    """A run left attached and `running` by this instance's previous life (same
+    <hostname>:<port>) is, by the time /readyz first says 200, detached "gateway
+    restarted" for its device to resume (§1.8), or with GATEWAY_RUN_RESUME_S=0 an error
+    (revision .4). Others' runs, and a run a drain already detached, keep their state."""
     public_port, internal_port = free_ports(2)
-    ours, theirs = uuid.uuid4(), uuid.uuid4()
+    ours, theirs, drained = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
     conn = await asyncpg.connect(database_url)
     try:
         insert = """INSERT INTO agent_run_logs (id, user_id, agent_id, device_id, status,
                                                 started_at, gateway_instance)
                     VALUES ($1, 'u1', 'a1', 'd1', 'running', now(), $2)"""
-        await conn.execute(insert, ours, f"{socket.gethostname()}:{public_port}")
+        instance = f"{socket.gethostname()}:{public_port}"
+        await conn.execute(insert, ours, instance)
         await conn.execute(insert, theirs, "another-host:8080")
+        await conn.execute(insert, drained, instance)
+        await conn.execute("UPDATE agent_run_logs SET detached_at = now() - interval '2 s',"
+                           " detach_reason = 'gateway shutdown' WHERE id = $1", drained)
 
-        proc = start_gateway(database_env(database_url), log_dir=tmp_path,
-                             public_port=public_port, internal_port=internal_port)
+        proc = start_gateway(database_env(database_url, GATEWAY_RUN_RESUME_S=resume_s),
+                             log_dir=tmp_path, public_port=public_port,
+                             internal_port=internal_port)
         try:
             proc.wait_ready()
             rows = {r["id"]: r for r in await conn.fetch(
-                "SELECT id, status, errors::text AS errors, finished_at FROM agent_run_logs")}
+                "SELECT id, status, errors::text AS errors, finished_at, detached_at,"
+                " detach_reason FROM agent_run_logs")}
             code, _ = proc.stop()
             assert code == 0, proc.describe()
         finally:
             proc.kill()
     finally:
         await conn.close()
-    assert rows[ours]["status"] == "error"
-    assert "gateway restarted" in orjson.loads(rows[ours]["errors"])
-    assert rows[ours]["finished_at"] is not None
+    if resume_s == "0":
+        assert rows[ours]["status"] == "error"
+        assert "gateway restarted" in orjson.loads(rows[ours]["errors"])
+        assert rows[ours]["finished_at"] is not None
+    else:
+        assert rows[ours]["status"] == "running", rows[ours]
+        assert rows[ours]["detach_reason"] == "gateway restarted", rows[ours]
+        assert rows[ours]["detached_at"] is not None
+        assert rows[drained]["detach_reason"] == "gateway shutdown", rows[drained]
+        assert rows[drained]["detached_at"] < rows[ours]["detached_at"]
     assert rows[theirs]["status"] == "running"
+    assert rows[theirs]["detached_at"] is None
 
 
 @pytest.mark.filterwarnings("ignore::jwt.warnings.InsecureKeyLengthWarning")  # our own encode

@@ -1,0 +1,126 @@
+"""One device's outbound frames: a bounded queue and the one task that writes them.
+
+Nothing but this task ever awaits the device's socket (DESIGN.md, principle
+11). aiohttp makes every writer to one socket wait on one shared drain
+future, so a timeout or cancel around one send (a tool call whose caller hung
+up, the app-ping loop) used to cancel every other send to that device, and
+shared loops (the scheduler, the cancel listener, the event writer's acks)
+stalled on one device with a full TCP window. Here a send is a non-blocking
+put; a device whose queue outgrows its bound is closed instead of buffered
+without end. The task exists only while there is something to write, so an
+idle device costs no task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import Awaitable, Callable
+
+import attrs
+import structlog
+
+log = structlog.get_logger(__name__)
+
+SendFn = Callable[[bytes], Awaitable[None]]
+
+MAX_QUEUED_FRAMES = 10_000
+MIN_QUEUED_BYTES = 16 * 1024 * 1024
+
+
+class OutboxFull(Exception):
+    """The device does not read fast enough: its queue reached its bound."""
+
+
+class OutboxBroken(Exception):
+    """A write to the socket failed: nothing more can be sent."""
+
+
+@attrs.define(eq=False)
+class Outbox:
+    send_fn: SendFn
+    max_bytes: int = MIN_QUEUED_BYTES
+    # Called once per frame written, with the frame (counting, metrics).
+    on_sent: Callable[[bytes], None] | None = None
+    # Called once when a write fails (the socket is gone).
+    on_broken: Callable[[BaseException], None] | None = None
+    # None while empty: an idle device holds no deque.
+    _frames: collections.deque[bytes] | None = None
+    _bytes: int = 0
+    _task: asyncio.Task[None] | None = None
+    _held: bool = True  # nothing is written before release() (hello_ack first)
+    _broken: BaseException | None = None
+
+    @property
+    def pending(self) -> int:
+        return len(self._frames) if self._frames is not None else 0
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and nothing being written."""
+        return self._task is None and not self._frames
+
+    def put(self, frame: bytes, *, first: bool = False) -> None:
+        """Queue one frame (at the front with ``first``); raises OutboxFull or OutboxBroken."""
+        if self._broken is not None:
+            raise OutboxBroken(repr(self._broken))
+        frames = self._frames
+        if frames is None:
+            frames = self._frames = collections.deque()
+        if len(frames) >= MAX_QUEUED_FRAMES or self._bytes + len(frame) > self.max_bytes:
+            raise OutboxFull(f"{len(frames)} frames, {self._bytes} bytes waiting")
+        if first:
+            frames.appendleft(frame)
+        else:
+            frames.append(frame)
+        self._bytes += len(frame)
+        self._start()
+
+    def release(self) -> None:
+        """Start writing (after hello_ack was put ``first``)."""
+        self._held = False
+        self._start()
+
+    def _start(self) -> None:
+        if self._held or self._task is not None or not self._frames:
+            return
+        self._task = asyncio.get_running_loop().create_task(self._write_all())
+
+    async def _write_all(self) -> None:
+        frames = self._frames
+        try:
+            while frames:
+                frame = frames[0]
+                try:
+                    await self.send_fn(frame)
+                except Exception as exc:  # the socket is gone (reset, closed, closing)
+                    self._fail(exc)
+                    return
+                frames.popleft()
+                self._bytes -= len(frame)
+                if self.on_sent is not None:
+                    self.on_sent(frame)
+        finally:
+            self._task = None
+            if not frames:
+                self._frames = None
+
+    def _fail(self, exc: BaseException) -> None:
+        self._broken = exc
+        if self._frames is not None:
+            self._frames.clear()
+        self._bytes = 0
+        if self.on_broken is not None:
+            self.on_broken(exc)
+
+    async def drained(self, within_s: float) -> bool:
+        """Wait (at most ``within_s``) until every queued frame is written; True if so.
+
+        Waited for, never cancelled: cancelling a write stuck in aiohttp's drain
+        would cancel every other waiter on that socket.
+        """
+        task = self._task
+        if task is None:
+            return True
+        await asyncio.wait([task], timeout=within_s)
+        return task.done()
