@@ -6,6 +6,7 @@ tests/e2e/test_tls.py against the real process.
 
 from __future__ import annotations
 
+import io
 import ssl
 from pathlib import Path
 
@@ -13,7 +14,8 @@ import pytest
 import structlog
 from certs import Ca, make_ca, make_server_cert
 
-from gateway.config import ConfigError, load_settings
+from gateway.config import ConfigError, Secrets, load_settings
+from gateway.dev.devmode import print_banner
 from gateway.http.tls import ServerTls, TlsError, server_context
 
 
@@ -107,3 +109,20 @@ def test_a_bad_pair_on_reload_keeps_the_context_and_logs_one_error(
         assert tls.reload() is True
     assert [e["event"] for e in logs] == ["tls_reloaded"]
     assert logs[0]["subject"] == "CN=other"
+
+
+@pytest.mark.parametrize("tls", [True, False])
+def test_the_dev_banner_shows_the_scheme_devices_must_use(
+    ca: Ca, tmp_path: Path, tls: bool
+) -> None:
+    env = {"GATEWAY_DATA_DIR": str(tmp_path)}
+    if tls:
+        pair = make_server_cert(ca, tmp_path)
+        env |= {"GATEWAY_TLS_CERT_FILE": str(pair.cert_file),
+                "GATEWAY_TLS_KEY_FILE": str(pair.key_file)}
+    out = io.StringIO()
+    print_banner(load_settings(env), Secrets(jwt_secret="dev-secret-0123456789abcdef-0123456789",
+                                             internal_tokens=()),
+                 public_port=8443, internal_port=8081, out=out)
+    scheme = "wss" if tls else "ws"
+    assert f"WebSocket: {scheme}://127.0.0.1:8443/api/v1/ws/device?token=" in out.getvalue()
