@@ -29,6 +29,7 @@ from gateway.device.registry import REGISTRY, Registry
 from gateway.device.sockets import DEVICE_SOCKETS, DeviceSockets
 from gateway.http import internal_api, ops
 from gateway.http.envelope import envelope, json_errors, route_miss
+from gateway.http.tls import ServerTls, reload_on_sighup
 from gateway.logs import AccessLogger, InternalAccessLogger
 from gateway.metrics import METRICS, Metrics
 from gateway.migrate import apply_migrations, default_migrations_dir
@@ -306,6 +307,8 @@ async def serve(
         loop.add_signal_handler(signum, stop, signum)
     notifier = SystemdNotifier(settings.notify_socket)
     log.info("gateway_starting", settings=redacted_summary(settings))
+    tls = ServerTls.from_settings(settings)  # a bad pair: ConfigError, exit 2
+    loop.add_signal_handler(signal.SIGHUP, reload_on_sighup, tls)
     wanted = hmac_key_shortfall(secrets.jwt_secret, settings.jwt_algorithms)
     if wanted is not None:
         log.warning("jwt_secret_short", recommended_bytes=wanted,
@@ -321,13 +324,14 @@ async def serve(
         await public.setup()
         await internal.setup()
         try:
-            await web.TCPSite(public, settings.public_host, settings.public_port).start()
+            await web.TCPSite(public, settings.public_host, settings.public_port,
+                              ssl_context=tls.context if tls else None).start()
             await web.TCPSite(internal, settings.internal_host, settings.internal_port).start()
             public_port = _port_of(public, settings.public_port)
             internal_port = _port_of(internal, settings.internal_port)
             log.info("gateway_listening", public=f"{settings.public_host}:{public_port}",
                      internal=f"{settings.internal_host}:{internal_port}",
-                     instance_id=settings.instance_id)
+                     instance_id=settings.instance_id, tls=tls is not None)
             if settings.dev_mode:
                 print_banner(settings, secrets, public_port=public_port,
                              internal_port=internal_port)

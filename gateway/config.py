@@ -9,6 +9,7 @@ A bad value is a ``ConfigError`` whose message is one line an operator can act o
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import socket
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -16,6 +17,8 @@ from typing import Any
 
 import attrs
 from aiohttp import web
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 SYMMETRIC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 ASYMMETRIC_ALGORITHMS = frozenset(
@@ -58,6 +61,9 @@ class Settings:
     shutdown_timeout_s: float = 10.0
     instance_id: str = ""
     run_resume_s: float = 30.0
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    trusted_proxies: tuple[IPNetwork, ...] = ()
     log_level: str = "info"
     log_format: str | None = None  # None: json, or console when stdout is a terminal
     auto_migrate: bool = True
@@ -74,6 +80,11 @@ class Settings:
     def dev_mode(self) -> bool:
         """No database configured: embedded PostgreSQL and generated dev secrets."""
         return self.database_url is None
+
+    @property
+    def tls(self) -> bool:
+        """The public listener speaks TLS (both files set; ``validate`` allows no half)."""
+        return self.tls_cert_file is not None and self.tls_key_file is not None
 
     @property
     def uses_symmetric_jwt(self) -> bool:
@@ -151,6 +162,19 @@ def _algorithms(value: str) -> tuple[str, ...]:
         if alg not in known:
             raise ValueError(f"unknown algorithm {alg!r} (allowed: {', '.join(sorted(known))})")
     return algorithms
+
+
+def _networks(value: str) -> tuple[IPNetwork, ...]:
+    networks = []
+    for part in _csv(value):
+        try:
+            # strict=False: 10.0.0.7/8 means 10.0.0.0/8, as operators tend to write it.
+            networks.append(ipaddress.ip_network(part, strict=False))
+        except ValueError:
+            raise ValueError(f"{part!r} is not an IP address or CIDR network") from None
+    if not networks:
+        raise ValueError("must name at least one address or network")
+    return tuple(networks)
 
 
 def _choice(*choices: str) -> Callable[[str], str]:
@@ -239,6 +263,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("run_resume_s", "GATEWAY_RUN_RESUME_S", _non_negative_float,
            "seconds a device has to reconnect and resume its running runs; 0 fails them at "
            "once"),
+    Option("tls_cert_file", "GATEWAY_TLS_CERT_FILE", lambda v: Path(_text(v)),
+           "PEM certificate chain: the public listener speaks TLS (re-read on SIGHUP)"),
+    Option("tls_key_file", "GATEWAY_TLS_KEY_FILE", lambda v: Path(_text(v)),
+           "PEM private key of GATEWAY_TLS_CERT_FILE"),
+    Option("trusted_proxies", "GATEWAY_TRUSTED_PROXIES", _networks,
+           "comma-separated addresses/CIDRs whose X-Forwarded-For/Forwarded is believed"),
     Option("log_level", "GATEWAY_LOG_LEVEL", _choice(*LOG_LEVELS), "debug|info|warning|error"),
     Option("log_format", "GATEWAY_LOG_FORMAT", _choice(*LOG_FORMATS),
            "json|console"),
@@ -322,6 +352,14 @@ def validate(settings: Settings) -> None:
         raise ConfigError(
             f"GATEWAY_JWT_PUBLIC_KEY_FILE={settings.jwt_public_key_file}: no such file"
         )
+    if (settings.tls_cert_file is None) != (settings.tls_key_file is None):
+        raise ConfigError(
+            "GATEWAY_TLS_CERT_FILE and GATEWAY_TLS_KEY_FILE: set both (TLS) or neither (plain)"
+        )
+    for variable, path in (("GATEWAY_TLS_CERT_FILE", settings.tls_cert_file),
+                           ("GATEWAY_TLS_KEY_FILE", settings.tls_key_file)):
+        if path is not None and not path.is_file():
+            raise ConfigError(f"{variable}={path}: no such file")
     if not settings.dev_mode:
         if settings.uses_symmetric_jwt and settings.jwt_secret is None:
             raise ConfigError(
@@ -358,6 +396,8 @@ def redacted_summary(settings: Settings) -> dict[str, Any]:
             summary[field.name] = "set" if value else "unset"
         elif isinstance(value, Path):
             summary[field.name] = str(value)
+        elif field.name == "trusted_proxies":
+            summary[field.name] = [str(network) for network in value]
         else:
             summary[field.name] = value
     return summary

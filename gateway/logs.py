@@ -23,6 +23,8 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, StreamResponse
 from yarl import URL
 
+from gateway.http.proxies import request_client_address
+
 SECRET_KEYS = frozenset({
     "token", "access_token", "id_token", "refresh_token", "jwt", "secret", "password",
     "authorization", "api_key", "apikey", "key", "jwt_secret", "internal_tokens",
@@ -156,7 +158,7 @@ class AccessLogger(AbstractAccessLogger):
             path=redact_url(request.rel_url),
             status=response.status,
             duration_ms=round(time * 1000, 2),
-            remote=request.remote,
+            remote=request_client_address(request),  # behind a trusted proxy, the client
             request_id=response.headers.get("X-Request-Id"),
         )
 

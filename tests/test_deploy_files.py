@@ -42,6 +42,9 @@ PROTOCOL_VARIABLES = frozenset(
         "GATEWAY_BAD_FRAMES_PER_MINUTE",
         "GATEWAY_SHUTDOWN_TIMEOUT_S",
         "GATEWAY_INSTANCE_ID",
+        "GATEWAY_TLS_CERT_FILE",
+        "GATEWAY_TLS_KEY_FILE",
+        "GATEWAY_TRUSTED_PROXIES",
         "GATEWAY_LOG_LEVEL",
         "GATEWAY_LOG_FORMAT",
     }
@@ -130,14 +133,15 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     settings = _unit_settings(text)
 
     # A scratch root, so verify neither needs /opt/device-gateway installed nor
-    # depends on the host's units: the ExecStart binary and every unit the
+    # depends on the host's units: the Exec* programs and every unit the
     # gateway names exist there as stubs.
     root = tmp_path / "root"
     unit_dir = root / "etc/systemd/system"
     unit_dir.mkdir(parents=True)
     (unit_dir / UNIT.name).write_text(text)
-    executable = settings["ExecStart"][0].split()[0].lstrip("-@:+!")
-    _stub_executable(root / executable.lstrip("/"))
+    for key in ("ExecStart", "ExecReload"):  # each command's program, as a stub
+        executable = settings[key][0].split()[0].lstrip("-@:+!")
+        _stub_executable(root / executable.lstrip("/"))
     named = {u for key in _DEPENDENCY_KEYS for v in settings.get(key, []) for u in v.split()}
     for unit in named | set(_DEFAULT_DEPENDENCIES):
         (unit_dir / unit).write_text("[Unit]\nDescription=stub\n")

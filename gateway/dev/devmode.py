@@ -64,7 +64,8 @@ def print_banner(
             algorithm=algorithm, audience=settings.jwt_audience, issuer=settings.jwt_issuer)
         lines += [
             f"  device token (user dev-user, 24 h): {token}",
-            f"  WebSocket: ws://{host}:{public_port}/api/v1/ws/device?token={token}",
+            f"  WebSocket: {'wss' if settings.tls else 'ws'}://{host}:{public_port}"
+            f"/api/v1/ws/device?token={token}",
             "  simulator: python run_gateway.py device --device-id laptop-1",
         ]
     if secrets.internal_tokens:

@@ -16,6 +16,7 @@ from gateway.device.handlers import DeviceContext, dispatch, refuse
 from gateway.device.outbox import MIN_QUEUED_BYTES
 from gateway.device.registry import REGISTRY
 from gateway.device.sockets import DEVICE_SOCKETS
+from gateway.http.proxies import client_address
 from gateway.metrics import METRICS, Metrics
 from gateway.runs.lifecycle import RUNS, Gone
 from gateway.shutdown import SHUTDOWN
@@ -52,11 +53,12 @@ async def device_ws(request: web.Request) -> web.StreamResponse:
     if len(sockets) >= settings.max_connections:
         return _refuse_handshake(metrics, 503, codes.OVER_CAPACITY,
                                  "the gateway holds its maximum of connections")
+    remote = client_address(request, settings.trusted_proxies)  # the device's, not a proxy's
     token = request.query.get("token") or bearer_token(request.headers.get("Authorization"))
     try:
         claims = app[AUTHENTICATOR].verify(token or "")
     except AuthError as exc:
-        log.info("device_auth_refused", reason=str(exc), remote=request.remote)
+        log.info("device_auth_refused", reason=str(exc), remote=remote)
         return _refuse_handshake(metrics, 401, codes.UNAUTHORIZED, str(exc))
 
     ws = web.WebSocketResponse(
@@ -72,7 +74,7 @@ async def device_ws(request: web.Request) -> web.StreamResponse:
         metrics.connections_opened.inc()
         # This handler is its connection's own task, so the binding ends with it
         # (and a plain bind holds less per connection than nested contexts).
-        structlog.contextvars.bind_contextvars(user_id=claims.user_id)
+        structlog.contextvars.bind_contextvars(user_id=claims.user_id, remote=remote)
         with sockets.awaiting_hello(ws):
             hello = await _receive_hello(ws, settings.hello_timeout_s)
         if hello is None:

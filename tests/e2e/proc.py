@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -90,10 +91,13 @@ class GatewayProcess:
     started_at: float  # time.monotonic() just before the spawn
     ready_after_s: float | None = None
     signalled_at: float | None = None
+    # Set when the public listener speaks TLS: a client context trusting its CA.
+    client_ssl: ssl.SSLContext | None = None
 
     @property
     def public_url(self) -> str:
-        return f"http://127.0.0.1:{self.public_port}"
+        scheme = "https" if self.client_ssl else "http"
+        return f"{scheme}://127.0.0.1:{self.public_port}"
 
     @property
     def internal_url(self) -> str:
@@ -101,7 +105,8 @@ class GatewayProcess:
 
     @property
     def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.public_port}/api/v1/ws/device"
+        scheme = "wss" if self.client_ssl else "ws"
+        return f"{scheme}://127.0.0.1:{self.public_port}/api/v1/ws/device"
 
     def stdout(self) -> str:
         return self.stdout_path.read_text(errors="replace")
@@ -130,7 +135,8 @@ class GatewayProcess:
     def readyz_status(self, timeout: float = 2.0) -> int | None:
         """/readyz's HTTP status, or None when nothing answers."""
         try:
-            with urllib.request.urlopen(f"{self.public_url}/readyz", timeout=timeout) as resp:
+            with urllib.request.urlopen(f"{self.public_url}/readyz", timeout=timeout,
+                                        context=self.client_ssl) as resp:
                 return int(resp.status)
         except urllib.error.HTTPError as exc:
             return int(exc.code)
@@ -195,7 +201,7 @@ def start_gateway(env: Mapping[str, str], *, args: Sequence[str] = (),
                   log_dir: Path | None = None, public_port: int | None = None,
                   internal_port: int | None = None,
                   program: Sequence[str] | None = None, cwd: Path = REPO_ROOT,
-                  ) -> GatewayProcess:
+                  client_ssl: ssl.SSLContext | None = None) -> GatewayProcess:
     """Spawn ``python run_gateway.py [args]`` with ``env`` on free ports (not yet ready).
 
     The ports are set through GATEWAY_PUBLIC_PORT / GATEWAY_INTERNAL_PORT
@@ -223,15 +229,20 @@ def start_gateway(env: Mapping[str, str], *, args: Sequence[str] = (),
     return GatewayProcess(
         popen=popen, public_port=int(env["GATEWAY_PUBLIC_PORT"]),
         internal_port=int(env["GATEWAY_INTERNAL_PORT"]), stdout_path=stdout_path,
-        stderr_path=stderr_path, started_at=started_at,
+        stderr_path=stderr_path, started_at=started_at, client_ssl=client_ssl,
     )
 
 
 @contextlib.contextmanager
 def running_gateway(env: Mapping[str, str], *, log_dir: Path | None = None,
-                    ready_timeout: float = READY_TIMEOUT_S) -> Iterator[GatewayProcess]:
-    """A started and ready gateway; killed afterwards if the test did not stop it."""
-    proc = start_gateway(env, log_dir=log_dir)
+                    ready_timeout: float = READY_TIMEOUT_S,
+                    client_ssl: ssl.SSLContext | None = None) -> Iterator[GatewayProcess]:
+    """A started and ready gateway; killed afterwards if the test did not stop it.
+
+    ``client_ssl``: the public listener speaks TLS (GATEWAY_TLS_* in ``env``), and
+    this context, trusting its CA, is how the helpers reach it.
+    """
+    proc = start_gateway(env, log_dir=log_dir, client_ssl=client_ssl)
     try:
         proc.wait_ready(ready_timeout)
         yield proc
