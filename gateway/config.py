@@ -63,6 +63,7 @@ class Settings:
     event_batch_max: int = 2000
     event_queue_max: int = 20_000
     subscriber_buffer: int = 1000
+    retention_days: float = 30.0  # 0: keep every run
     # Handed to us by systemd; read here so no other module touches the environment.
     notify_socket: str | None = None
     watchdog_usec: str | None = None
@@ -113,6 +114,13 @@ def _non_negative_float(value: str) -> float:
     number = float(value)
     if not number >= 0 or number == float("inf"):
         raise ValueError("must be a number of seconds, 0 or more")
+    return number
+
+
+def _retention_days(value: str) -> float:
+    number = float(value)
+    if not number >= 0 or number == float("inf"):
+        raise ValueError("must be a number of days, 0 (keep everything) or more")
     return number
 
 
@@ -215,6 +223,9 @@ OPTIONS: tuple[Option, ...] = (
            "events waiting for the database before devices are paused (20000)"),
     Option("subscriber_buffer", "GATEWAY_SUBSCRIBER_BUFFER", _positive_int,
            "live events buffered per slow reader before it re-reads the database (1000)"),
+    Option("retention_days", "GATEWAY_RETENTION_DAYS", _retention_days,
+           "finished runs and their events are removed this many days after they end; "
+           "0 keeps everything (30)"),
 )
 
 SYSTEMD_VARIABLES = {

@@ -10,7 +10,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from gateway.services import services
+from gateway.services import Services, services
 
 READY_DB_TIMEOUT_S = 2.0
 
@@ -20,24 +20,31 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-async def readyz(request: web.Request) -> web.Response:
-    """200 only while the database answers and the gateway is not draining."""
-    svc = services(request.app)
+async def _readiness(svc: Services) -> tuple[int, dict[str, object]]:
+    """What /readyz answers: 200 only while the database answers and we are not draining."""
     if svc.draining:
-        return web.json_response({"status": "draining"}, status=503)
+        return 503, {"status": "draining"}
     try:
         async with asyncio.timeout(READY_DB_TIMEOUT_S):
             await svc.store.ping()
     except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         svc.metrics.db_errors.labels("readyz").inc()
-        return web.json_response(
-            {"status": "database_unavailable", "detail": type(exc).__name__}, status=503)
-    return web.json_response({"status": "ready", "devices": len(svc.registry)})
+        return 503, {"status": "database_unavailable", "detail": type(exc).__name__}
+    return 200, {"status": "ready", "devices": len(svc.registry)}
+
+
+async def readyz(request: web.Request) -> web.Response:
+    status, body = await _readiness(services(request.app))
+    return web.json_response(body, status=status)
 
 
 async def metrics(request: web.Request) -> web.Response:
     svc = services(request.app)
     svc.metrics.event_queue_depth.set(svc.writer.depth)
+    # The same check as /readyz, so an alert on gateway_ready == 0 fires for a
+    # process that is up (scraped) but would be taken out of the balancer.
+    status, _ = await _readiness(svc)
+    svc.metrics.ready.set(1 if status == 200 else 0)
     return web.Response(body=svc.metrics.exposition(),
                         headers={"Content-Type": CONTENT_TYPE_LATEST})
 

@@ -26,6 +26,7 @@ from gateway.events import EventWriter
 from gateway.live import LiveEvents
 from gateway.metrics import Metrics
 from gateway.migrate import apply_migrations, default_migrations_dir
+from gateway.retention import retention_loop
 from gateway.runs import Runs, RunTarget
 from gateway.store import RUN_CANCELLED_CHANNEL, RunRecord, Store
 
@@ -203,6 +204,7 @@ async def open_services(
         svc.spawn(listen_for_cancels(runs, metrics, dsn), "cancel-listener")
         if settings.app_ping:
             svc.spawn(app_ping_loop(svc), "app-ping")
+        svc.spawn(retention_loop(pool, settings.retention_days, metrics), "retention")
         try:
             yield svc
         finally:
