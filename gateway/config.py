@@ -194,7 +194,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("internal_tokens", "GATEWAY_INTERNAL_TOKENS", _csv,
            "comma-separated service tokens; required outside dev mode", secret=True),
     Option("heartbeat_s", "GATEWAY_HEARTBEAT_S", _positive_float,
-           "WebSocket ping interval (30)"),
+           "WebSocket heartbeat: a peer silent to pings is dropped within 1.5 x this (30)"),
     Option("hello_timeout_s", "GATEWAY_HELLO_TIMEOUT_S", _positive_float,
            "time allowed for device_hello (15)"),
     Option("app_ping", "GATEWAY_APP_PING", _bool,
