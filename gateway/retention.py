@@ -30,11 +30,15 @@ from gateway.metrics import Metrics
 
 log = structlog.get_logger(__name__)
 
-# One batch: a few thousand event rows, ~50 ms of work on the benchmark machine.
+# One batch: a few thousand event rows, ~0.1 s of work on the benchmark machine.
 BATCH_RUNS = 500
 BATCH_EVENTS = 5000
-# Between batches: the database is ingest's first.
+# Between batches, at least PAUSE_S and PAUSE_PER_WORK times what the batch took:
+# retention keeps one connection busy a fifth of the time at most, and slows
+# down by itself when the database is slow. Unthrottled (0.05 s pauses) it took
+# a third of the ingest rate while it ran (benchmarks/RESULTS.md, "Retention").
 PAUSE_S = 0.05
+PAUSE_PER_WORK = 4.0
 # Between passes (and after finding another process at work).
 PASS_INTERVAL_S = 60.0
 SECONDS_PER_DAY = 86_400.0
@@ -57,13 +61,15 @@ async def cutoff_for(conn: store.Conn, days: float) -> dt.datetime:
 
 async def prune(
     pool: asyncpg.Pool, days: float, *, metrics: Metrics | None = None,
-    pause_s: float = PAUSE_S, batch_runs: int = BATCH_RUNS, batch_events: int = BATCH_EVENTS,
+    pause_s: float = PAUSE_S, pause_per_work: float = PAUSE_PER_WORK,
+    batch_runs: int = BATCH_RUNS, batch_events: int = BATCH_EVENTS,
 ) -> PruneResult:
     """Remove finished runs older than ``days`` and their events, batch by batch."""
     runs = events = 0
     async with pool.acquire() as conn:
         cutoff = await cutoff_for(conn, days)
     while True:
+        began = time.monotonic()
         async with pool.acquire() as conn:
             batch = await store.prune_batch(
                 conn, cutoff, max_runs=batch_runs, max_events=batch_events)
@@ -76,7 +82,7 @@ async def prune(
             metrics.retention_removed.labels("agent_run_events").inc(batch.events)
         if not batch.more:
             return PruneResult(runs, events)
-        await asyncio.sleep(pause_s)
+        await asyncio.sleep(max(pause_s, pause_per_work * (time.monotonic() - began)))
 
 
 async def count_expired(pool: asyncpg.Pool, days: float) -> tuple[int, int]:

@@ -24,6 +24,7 @@ from gateway.services import create_pool
 
 ROOT = Path(__file__).resolve().parent.parent
 DAY = "interval '1 day'"
+FAST: dict[str, Any] = {"pause_s": 0, "pause_per_work": 0}  # no pauses between batches
 
 
 @pytest.fixture
@@ -84,7 +85,7 @@ async def test_prune_removes_old_finished_runs_with_their_events_and_nothing_els
         expired, kept = await mixed_runs(conn)
         before = await remaining(conn, kept)
         # Small batches, so a run's events take several transactions.
-        result = await retention.prune(pool, 30, pause_s=0, batch_runs=2, batch_events=500)
+        result = await retention.prune(pool, 30, **FAST, batch_runs=2, batch_events=500)
         assert (result.runs, result.events, result.busy) == (3, 1203, False)
         assert await remaining(conn, expired) == {}
         assert await remaining(conn, kept) == before
@@ -109,14 +110,14 @@ async def test_prune_leaves_the_work_to_the_process_holding_the_lock(
         tx = other.transaction()
         await tx.start()
         assert await other.fetchval(store.TRY_RETENTION_LOCK, store.RETENTION_LOCK_KEY)
-        result = await retention.prune(pool, 30, pause_s=0)
+        result = await retention.prune(pool, 30, **FAST)
         assert result == retention.PruneResult(0, 0, busy=True)
         async with pool.acquire() as conn:
             assert len(await remaining(conn, expired)) == 3
         await tx.rollback()  # its batch ends: the lock goes with the transaction
     finally:
         await other.close()
-    assert await retention.prune(pool, 30, pause_s=0) == retention.PruneResult(3, 1203)
+    assert await retention.prune(pool, 30, **FAST) == retention.PruneResult(3, 1203)
 
 
 async def test_two_pruners_at_once_remove_each_row_once(
@@ -128,15 +129,15 @@ async def test_two_pruners_at_once_remove_each_row_once(
     second = await create_pool(database_url, min_size=1, max_size=2)
     try:
         results = await asyncio.gather(
-            retention.prune(pool, 30, pause_s=0, batch_runs=3, batch_events=200),
-            retention.prune(second, 30, pause_s=0, batch_runs=3, batch_events=200),
+            retention.prune(pool, 30, **FAST, batch_runs=3, batch_events=200),
+            retention.prune(second, 30, **FAST, batch_runs=3, batch_events=200),
         )
     finally:
         await second.close()
     assert sum(r.runs for r in results) <= 20
     assert sum(r.events for r in results) <= 6000
     # Whoever found the lock taken stopped; the other (or a later pass) finishes.
-    finish = await retention.prune(pool, 30, pause_s=0)
+    finish = await retention.prune(pool, 30, **FAST)
     assert sum(r.runs for r in results) + finish.runs == 20
     assert sum(r.events for r in results) + finish.events == 6000
     async with pool.acquire() as conn:
@@ -227,7 +228,7 @@ async def test_migration_applies_to_a_database_that_already_holds_events(
         await conn.close()
     pool = await create_pool(empty_database_url, min_size=1, max_size=2)
     try:
-        assert await retention.prune(pool, 30, pause_s=0) == retention.PruneResult(3, 1203)
+        assert await retention.prune(pool, 30, **FAST) == retention.PruneResult(3, 1203)
     finally:
         await pool.close()
 
