@@ -44,6 +44,7 @@ class Metrics:
     events_stored: Counter = attrs.field(init=False)
     event_batch_size: Histogram = attrs.field(init=False)
     event_queue_depth: Gauge = attrs.field(init=False)
+    event_queue_capacity: Gauge = attrs.field(init=False)
     db_errors: Counter = attrs.field(init=False)
     ready: Gauge = attrs.field(init=False)
     retention_days: Gauge = attrs.field(init=False)
@@ -89,6 +90,9 @@ class Metrics:
             registry=r)
         self.event_queue_depth = Gauge(
             "gateway_event_queue_depth", "Events waiting for the database", registry=r)
+        self.event_queue_capacity = Gauge(
+            "gateway_event_queue_capacity", "GATEWAY_EVENT_QUEUE_MAX: at this depth devices "
+            "are paused", registry=r)
         self.db_errors = Counter(
             "gateway_db_errors_total", "Database operations that failed, by operation",
             ["operation"], registry=r)

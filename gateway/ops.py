@@ -41,6 +41,7 @@ async def readyz(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     svc = services(request.app)
     svc.metrics.event_queue_depth.set(svc.writer.depth)
+    svc.metrics.event_queue_capacity.set(svc.writer.queue_max)
     # The same check as /readyz, so an alert on gateway_ready == 0 fires for a
     # process that is up (scraped) but would be taken out of the balancer.
     status, _ = await _readiness(svc)
