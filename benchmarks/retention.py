@@ -32,9 +32,10 @@ from typing import Any
 import asyncpg
 
 from benchmarks.servers import Database
-from gateway import retention, store
+from gateway import store
 from gateway.migrate import apply_migrations, default_migrations_dir
-from gateway.services import create_pool
+from gateway.runs import retention
+from gateway.store import create_pool
 
 EVENTS_PER_RUN = 1000
 INGEST_BATCH = 500

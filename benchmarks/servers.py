@@ -73,7 +73,7 @@ class Database:
     def open(cls, dsn: str | None, *, tmp_root: str | None = None) -> Database:
         if dsn:
             return cls(dsn=dsn)
-        from gateway.embedded_db import EmbeddedPostgres
+        from gateway.dev.embedded_db import EmbeddedPostgres
 
         tmp_dir = Path(tempfile.mkdtemp(prefix="gw-bench-pg-", dir=tmp_root))
         try:

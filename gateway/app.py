@@ -1,4 +1,11 @@
-"""Both web applications, and the serving process: start, notify, drain, stop."""
+"""The composition root: every component built and wired here, both listeners, serving, draining.
+
+Only ``gateway.cli`` imports this module; it imports every component. The
+order things start and stop in, and the one budget a stop must keep to
+(``GATEWAY_SHUTDOWN_TIMEOUT_S`` from the signal to the exit), live here and
+nowhere else. It is longer than the other modules for that reason: splitting
+start-up from teardown would put the two halves of one order in two files.
+"""
 
 from __future__ import annotations
 
@@ -6,33 +13,58 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
+import asyncpg
 import attrs
 import structlog
 from aiohttp import web
 
-from gateway import ops
-from gateway.auth import hmac_key_shortfall
-from gateway.codes import CloseCode
-from gateway.config import Settings, redacted_summary
+from gateway.auth import AUTHENTICATOR, DeviceAuthenticator, ServiceTokens, hmac_key_shortfall
+from gateway.config import SETTINGS, Secrets, Settings, redacted_summary
+from gateway.dev.devmode import print_banner
+from gateway.device.app_ping import app_ping_loop
 from gateway.device.endpoint import device_ws
-from gateway.devmode import print_banner
-from gateway.internal_api import build_internal_app, json_errors, route_miss
+from gateway.device.registry import REGISTRY, Registry
+from gateway.device.sockets import DEVICE_SOCKETS, DeviceSockets
+from gateway.http import internal_api, ops
+from gateway.http.envelope import envelope, json_errors, route_miss
 from gateway.logs import AccessLogger, InternalAccessLogger
-from gateway.services import SERVICES, Secrets, Services, open_services
+from gateway.metrics import METRICS, Metrics
+from gateway.migrate import apply_migrations, default_migrations_dir
+from gateway.runs.cancels import listen_for_cancels
+from gateway.runs.events import EVENT_WRITER, EventWriter
+from gateway.runs.lifecycle import RUNS, Runs
+from gateway.runs.live import LIVE, LiveEvents
+from gateway.runs.retention import retention_loop
+from gateway.runs.scheduler import run_scheduler
+from gateway.shutdown import SHUTDOWN, Shutdown
+from gateway.store import Store, create_pool
 from gateway.systemd import SystemdNotifier
+from gateway.tasks import TASKS, Tasks
+from gateway.wire import codes
+from gateway.wire.codes import CloseCode
 
 log = structlog.get_logger(__name__)
 
 DEVICE_WS_PATH = "/api/v1/ws/device"
-# HTTP handlers still running when a listener stops get this long to finish
-# (less when GATEWAY_SHUTDOWN_TIMEOUT_S is short: see handler_grace_s).
-HANDLER_GRACE_S = 2.0
+EVENT_WRITER_TASK = "event-writer"
+
+# ---------------------------------------------------------------- the stop budget
 # Of GATEWAY_SHUTDOWN_TIMEOUT_S, the part kept for after the drain (handlers,
 # the last event batch, the sweep), at most TEARDOWN_RESERVE_MAX_S.
 TEARDOWN_SHARE = 0.25
 TEARDOWN_RESERVE_MAX_S = 3.0
+# HTTP handlers still running when a listener stops get this long to finish
+# (less when the budget is short: see handler_grace_s).
+HANDLER_GRACE_S = 2.0
+# Teardown steps with floors where data is at stake: accepted events get at
+# least 5 s even past the budget (a slow database; the unit's TimeoutStopSec is
+# 20 s above it), the last sweep, one UPDATE, a moment. Pool connections still
+# busy are then dropped.
+WRITER_STOP_MIN_S = 5.0
+SWEEP_MIN_S = 0.25
+POOL_CLOSE_S = 1.0
 
 
 def teardown_reserve_s(settings: Settings) -> float:
@@ -45,14 +77,157 @@ def handler_grace_s(settings: Settings) -> float:
     return min(HANDLER_GRACE_S, teardown_reserve_s(settings) / 4)
 
 
-def build_public_app(svc: Services) -> web.Application:
+# ---------------------------------------------------------------- the components
+
+
+@attrs.define(eq=False)
+class Gateway:
+    """Every component of one gateway process (or of one test), built by ``open_gateway``."""
+
+    settings: Settings
+    secrets: Secrets
+    pool: asyncpg.Pool
+    store: Store
+    registry: Registry
+    device_sockets: DeviceSockets
+    live: LiveEvents
+    writer: EventWriter
+    runs: Runs
+    metrics: Metrics
+    authenticator: DeviceAuthenticator
+    service_tokens: ServiceTokens
+    shutdown: Shutdown
+    tasks: Tasks
+
+    @property
+    def draining(self) -> bool:
+        return self.shutdown.draining
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        self.shutdown.draining = value
+
+    @property
+    def sockets(self) -> int:
+        """Device sockets held, upgraded or upgrading (GATEWAY_MAX_CONNECTIONS counts these)."""
+        return len(self.device_sockets)
+
+
+@contextlib.asynccontextmanager
+async def open_gateway(
+    settings: Settings, secrets: Secrets, dsn: str, *, metrics: Metrics | None = None
+) -> AsyncIterator[Gateway]:
+    """Pool, migrations, orphan sweep, background loops; undone in reverse order."""
+    pool = await create_pool(dsn)
+    try:
+        if settings.auto_migrate:
+            async with pool.acquire() as conn:
+                applied = await apply_migrations(conn, default_migrations_dir())  # type: ignore[arg-type]
+            if applied:
+                log.info("migrations_applied", migrations=applied)
+        metrics = metrics or Metrics()
+        store = Store(pool)
+        registry = Registry()
+        live = LiveEvents(capacity=settings.subscriber_buffer)
+        writer = EventWriter(store=store, metrics=metrics, live=live,
+                             queue_max=settings.event_queue_max,
+                             batch_max=settings.event_batch_max)
+        runs = Runs(store=store, writer=writer, live=live, metrics=metrics,
+                    instance_id=settings.instance_id, targets=registry)
+        gw = Gateway(
+            settings=settings, secrets=secrets, pool=pool, store=store, registry=registry,
+            device_sockets=DeviceSockets(), live=live, writer=writer, runs=runs,
+            metrics=metrics,
+            authenticator=DeviceAuthenticator.from_settings(settings, secret=secrets.jwt_secret),
+            service_tokens=ServiceTokens.of(secrets.internal_tokens),
+            shutdown=Shutdown(), tasks=Tasks(),
+        )
+        # Before any device is accepted: runs left running by our previous life.
+        await runs.mark_orphans()
+        tasks = gw.tasks
+        tasks.supervise(EVENT_WRITER_TASK, writer.run)
+        tasks.supervise("run-scheduler", lambda: run_scheduler(runs, metrics))
+        tasks.supervise("cancel-listener", lambda: listen_for_cancels(runs, metrics, dsn))
+        if settings.app_ping:
+            tasks.supervise("app-ping", lambda: app_ping_loop(registry, settings.heartbeat_s))
+        tasks.supervise("retention",
+                        lambda: retention_loop(pool, settings.retention_days, metrics))
+        try:
+            yield gw
+        finally:
+            await _stop(gw)
+    finally:
+        await _close_pool(pool, within_s=POOL_CLOSE_S)
+
+
+async def _stop(gw: Gateway) -> None:
+    """The loops, then the writer's last batches, then the sweep: within what is left."""
+    budget = gw.settings.shutdown_timeout_s
+    await gw.tasks.cancel(exclude=(EVENT_WRITER_TASK,))
+    await gw.writer.stop(max(gw.shutdown.time_left(budget), WRITER_STOP_MIN_S))
+    await gw.tasks.close()
+    swept = await _sweep(gw.runs, gw.shutdown.time_left(budget))
+    if swept:
+        log.warning("runs_failed_at_shutdown", count=swept)
+
+
+async def _close_pool(pool: asyncpg.Pool, *, within_s: float) -> None:
+    try:
+        async with asyncio.timeout(within_s):
+            await pool.close()
+    except TimeoutError:
+        log.warning("database_pool_close_timeout", within_s=within_s)
+        pool.terminate()
+
+
+async def _sweep(runs: Runs, within_s: float) -> int:
+    try:
+        async with asyncio.timeout(max(within_s, SWEEP_MIN_S)):
+            return await runs.fail_instance_runs(codes.RUN_ERROR_GATEWAY_SHUTDOWN)
+    except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError) as exc:
+        # The next start's orphan sweep marks them (GATEWAY_INSTANCE_ID is stable).
+        log.error("shutdown_sweep_failed", error=repr(exc))
+        return 0
+
+
+# ---------------------------------------------------------------- the two listeners
+
+
+def _provide(app: web.Application, gw: Gateway) -> None:
+    """Each component under its own AppKey, for the handlers of ``app``."""
+    app[SETTINGS] = gw.settings
+    app[SHUTDOWN] = gw.shutdown
+    app[METRICS] = gw.metrics
+    app[AUTHENTICATOR] = gw.authenticator
+    app[REGISTRY] = gw.registry
+    app[DEVICE_SOCKETS] = gw.device_sockets
+    app[RUNS] = gw.runs
+    app[LIVE] = gw.live
+    app[EVENT_WRITER] = gw.writer
+    app[TASKS] = gw.tasks
+
+
+def build_public_app(gw: Gateway) -> web.Application:
     """Devices and operations; the internal API is never served here."""
     app = web.Application()
-    app[SERVICES] = svc
+    _provide(app, gw)
     app.router.add_get(DEVICE_WS_PATH, json_errors(device_ws))
     ops.add_routes(app, wrap=json_errors)
     app.router.add_route("*", "/{path:.*}", json_errors(route_miss))  # last: what is left
     return app
+
+
+def build_internal_app(gw: Gateway) -> web.Application:
+    """The internal API for sibling services, on its own listener."""
+    app = web.Application(client_max_size=gw.settings.max_frame_bytes)
+    _provide(app, gw)
+    wrap = envelope(gw.service_tokens)
+    internal_api.add_routes(app, wrap=wrap)
+    app.router.add_route("*", "/{path:.*}", wrap(route_miss))  # last: only what is left
+    return app
+
+
+# ---------------------------------------------------------------- serving and draining
 
 
 @attrs.define
@@ -71,21 +246,17 @@ class StopSignal:
         self.event.set()
 
 
-async def drain(svc: Services) -> None:
+async def drain(gw: Gateway) -> None:
     """Close every device with 1001 and wait until each one's cleanup has run."""
-    svc.live.end_all()  # event streams of runs still pending end now, not at the grace timeout
-    for conn in list(svc.registry):
+    gw.live.end_all()  # event streams of runs still pending end now, not at the grace timeout
+    for conn in list(gw.registry):
         conn.request_close(CloseCode.GOING_AWAY, "gateway shutting down")
     # Sockets still in their hello would otherwise hold the drain for the hello timeout.
-    await asyncio.gather(*(
-        ws.close(code=CloseCode.GOING_AWAY, message=b"gateway shutting down")
-        for ws in list(svc.hello_sockets)
-    ), return_exceptions=True)
-    if svc.sockets > 0:
-        await svc.no_sockets.wait()
+    await gw.device_sockets.close_before_hello()
+    await gw.device_sockets.wait_none_held()
 
 
-async def drain_within(svc: Services, deadline: float) -> None:
+async def drain_within(gw: Gateway, deadline: float) -> None:
     """Drain until ``deadline`` (loop time); then drop the devices still there.
 
     A device that never answers its close frame (or whose TCP window is full)
@@ -94,30 +265,30 @@ async def drain_within(svc: Services, deadline: float) -> None:
     """
     try:
         async with asyncio.timeout_at(deadline):
-            await drain(svc)
+            await drain(gw)
         return
     except TimeoutError:
         pass
-    aborted = svc.abort_sockets()
-    log.error("drain_timeout", devices_left=svc.sockets, aborted=aborted)
+    aborted = gw.device_sockets.abort_all()
+    log.error("drain_timeout", devices_left=gw.sockets, aborted=aborted)
     # Their cleanups write to the database: wait for them with half of what is
     # left, keeping the other half for the listeners, the writer and the sweep.
     with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(svc.time_left(0.0) / 2):
-            await svc.no_sockets.wait()
+        async with asyncio.timeout(gw.shutdown.time_left(0.0) / 2):
+            await gw.device_sockets.wait_none_held()
 
 
-async def watchdog_loop(svc: Services, notifier: SystemdNotifier, interval: float) -> None:
+async def watchdog_loop(gw: Gateway, notifier: SystemdNotifier, interval: float) -> None:
     """WATCHDOG=1 while the event loop and the database answer; STATUS with the count."""
     while True:
         try:
             async with asyncio.timeout(interval):
-                await svc.store.ping()
+                await gw.store.ping()
         except Exception as exc:
             log.warning("watchdog_database_unavailable", error=repr(exc))
         else:
             notifier.watchdog()
-        notifier.status(f"{len(svc.registry)} devices connected")
+        notifier.status(f"{len(gw.registry)} devices connected")
         await asyncio.sleep(interval)
 
 
@@ -136,11 +307,11 @@ async def serve(
         log.warning("jwt_secret_short", recommended_bytes=wanted,
                     algorithms=list(settings.jwt_algorithms),
                     hint="a longer GATEWAY_JWT_SECRET needs every device token re-issued")
-    async with open_services(settings, secrets, dsn) as svc:
+    async with open_gateway(settings, secrets, dsn) as gw:
         grace = handler_grace_s(settings)
-        public = web.AppRunner(build_public_app(svc), access_log_class=AccessLogger,
+        public = web.AppRunner(build_public_app(gw), access_log_class=AccessLogger,
                                handle_signals=False, shutdown_timeout=grace)
-        internal = web.AppRunner(build_internal_app(svc), access_log_class=InternalAccessLogger,
+        internal = web.AppRunner(build_internal_app(gw), access_log_class=InternalAccessLogger,
                                  handle_signals=False, shutdown_timeout=grace,
                                  handler_cancellation=True)
         await public.setup()
@@ -160,14 +331,16 @@ async def serve(
             interval = SystemdNotifier.watchdog_interval(
                 settings.watchdog_usec, settings.watchdog_pid, os.getpid())
             if interval is not None:
-                svc.spawn(watchdog_loop(svc, notifier, interval), "systemd-watchdog")
+                every = interval
+                gw.tasks.supervise("systemd-watchdog",
+                                   lambda: watchdog_loop(gw, notifier, every))
             await stop.event.wait()
 
-            svc.draining = True
-            svc.stop_deadline = loop.time() + settings.shutdown_timeout_s
+            gw.shutdown.begin(settings.shutdown_timeout_s)
             notifier.stopping("draining")
-            log.info("gateway_draining", devices=len(svc.registry))
-            await drain_within(svc, svc.stop_deadline - teardown_reserve_s(settings))
+            log.info("gateway_draining", devices=len(gw.registry))
+            assert gw.shutdown.deadline is not None
+            await drain_within(gw, gw.shutdown.deadline - teardown_reserve_s(settings))
         finally:
             # Both at once: each gets the same grace for its unfinished handlers.
             for failure in await asyncio.gather(internal.cleanup(), public.cleanup(),

@@ -13,6 +13,7 @@ from typing import Any
 
 import attrs
 import jwt
+from aiohttp import web
 
 from gateway.config import ASYMMETRIC_ALGORITHMS, Settings
 
@@ -163,3 +164,6 @@ def bearer_token(authorization: str | None) -> str | None:
     if scheme.lower() != "bearer" or not token.strip():
         return None
     return token.strip()
+
+
+AUTHENTICATOR = web.AppKey("device_authenticator", DeviceAuthenticator)

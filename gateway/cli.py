@@ -85,18 +85,22 @@ def _database(settings: Settings) -> tuple[str, Callable[[], None], Callable[[],
     """The DSN to use, a stop function, and an immediate-stop function."""
     if settings.database_url is not None:
         return settings.database_url, lambda: None, lambda: None
-    from gateway.embedded_db import EmbeddedDbError, EmbeddedPostgres, stop_server_immediately
+    from gateway.dev.embedded_db import EmbeddedDbError, EmbeddedPostgres, stop_server_immediately
 
     try:
         embedded = EmbeddedPostgres.start(settings.data_dir)
     except EmbeddedDbError as exc:
         raise ConfigError(str(exc)) from None
-    return embedded.dsn, embedded.stop, lambda: stop_server_immediately(embedded.pgdata)
+
+    def stop_now() -> None:
+        stop_server_immediately(embedded.pgdata)
+
+    return embedded.dsn, embedded.stop, stop_now
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     from gateway.app import run
-    from gateway.devmode import resolve_secrets
+    from gateway.dev.devmode import resolve_secrets
 
     secrets = resolve_secrets(settings)
     dsn, stop_db, stop_db_now = _database(settings)
@@ -145,8 +149,8 @@ def _days(value: str) -> float:
 
 def cmd_prune(settings: Settings, args: argparse.Namespace) -> int:
     """By hand what the retention loop does: the same batches, the same lock."""
-    from gateway import retention
-    from gateway.services import create_pool
+    from gateway.runs import retention
+    from gateway.store import create_pool
 
     days = args.older_than if args.older_than is not None else settings.retention_days
     if days <= 0:
@@ -181,7 +185,7 @@ def cmd_prune(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
     from gateway.auth import mint_device_token
-    from gateway.devmode import resolve_secrets
+    from gateway.dev.devmode import resolve_secrets
 
     # A configured secret is used as given; only dev mode reads (or makes) the dev one.
     secret = settings.jwt_secret or resolve_secrets(settings).jwt_secret
@@ -200,8 +204,8 @@ def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_device(settings: Settings, args: argparse.Namespace) -> int:
     from gateway.auth import mint_device_token
-    from gateway.devmode import resolve_secrets
-    from gateway.simulator import SimulatorOptions, run_simulator
+    from gateway.dev.devmode import resolve_secrets
+    from gateway.dev.simulator import SimulatorOptions, run_simulator
 
     token = args.token
     if token is None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+from aiohttp import web
 
 SYMMETRIC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 ASYMMETRIC_ALGORITHMS = frozenset(
@@ -77,6 +78,17 @@ class Settings:
     @property
     def uses_symmetric_jwt(self) -> bool:
         return any(alg in SYMMETRIC_ALGORITHMS for alg in self.jwt_algorithms)
+
+
+@attrs.frozen
+class Secrets:
+    """The secrets in force: configured, or generated for dev mode (``gateway.dev.devmode``)."""
+
+    jwt_secret: str | None
+    internal_tokens: tuple[str, ...]
+
+
+SETTINGS = web.AppKey("settings", Settings)
 
 
 # ---------------------------------------------------------------- parsers
@@ -170,63 +182,87 @@ class Option:
     def flag(self) -> str:
         return "--" + self.field.replace("_", "-")
 
+    @property
+    def described(self) -> str:
+        """The help text with the default, taken from ``Settings`` (written once, there)."""
+        default = DEFAULT_SHOWN.get(self.field)
+        if default is None:
+            value = attrs.fields_dict(Settings)[self.field].default
+            if value is None or value == () or value == "":
+                return self.help
+            if isinstance(value, bool):
+                default = str(value).lower()
+            elif isinstance(value, float):
+                default = f"{value:g}"
+            elif isinstance(value, tuple):
+                default = ",".join(str(v) for v in value)
+            else:
+                default = str(value)
+        return f"{self.help} (default: {default})"
+
 
 OPTIONS: tuple[Option, ...] = (
     Option("database_url", "GATEWAY_DATABASE_URL", _text,
            "PostgreSQL DSN; unset = embedded PostgreSQL in the data dir (dev mode)", secret=True),
     Option("data_dir", "GATEWAY_DATA_DIR", lambda v: Path(_text(v)),
-           "embedded database and dev secrets (default ./.gateway)"),
-    Option("public_host", "GATEWAY_PUBLIC_HOST", _text, "device listener address (0.0.0.0)"),
-    Option("public_port", "GATEWAY_PUBLIC_PORT", _port, "device listener port (8080)"),
-    Option("internal_host", "GATEWAY_INTERNAL_HOST", _text, "internal API address (127.0.0.1)"),
-    Option("internal_port", "GATEWAY_INTERNAL_PORT", _port, "internal API port (8081)"),
+           "embedded database and dev secrets"),
+    Option("public_host", "GATEWAY_PUBLIC_HOST", _text, "device listener address"),
+    Option("public_port", "GATEWAY_PUBLIC_PORT", _port, "device listener port"),
+    Option("internal_host", "GATEWAY_INTERNAL_HOST", _text, "internal API address"),
+    Option("internal_port", "GATEWAY_INTERNAL_PORT", _port, "internal API port"),
     Option("jwt_secret", "GATEWAY_JWT_SECRET", _text,
            "device JWT shared secret (HS*); required outside dev mode", secret=True),
     Option("jwt_algorithms", "GATEWAY_JWT_ALGORITHMS", _algorithms,
-           "comma-separated allow-list (HS256)"),
+           "comma-separated allow-list"),
     Option("jwt_public_key_file", "GATEWAY_JWT_PUBLIC_KEY_FILE", lambda v: Path(_text(v)),
            "PEM public key for RS*/ES*/PS*/EdDSA tokens"),
     Option("jwt_audience", "GATEWAY_JWT_AUDIENCE", _text, "required aud claim"),
     Option("jwt_issuer", "GATEWAY_JWT_ISSUER", _text, "required iss claim"),
-    Option("jwt_require_exp", "GATEWAY_JWT_REQUIRE_EXP", _bool, "tokens must carry exp (true)"),
+    Option("jwt_require_exp", "GATEWAY_JWT_REQUIRE_EXP", _bool, "tokens must carry exp"),
     Option("jwt_leeway_s", "GATEWAY_JWT_LEEWAY_S", _non_negative_float,
-           "clock leeway for exp/nbf/iat (30)"),
+           "clock leeway for exp/nbf/iat, seconds"),
     Option("internal_tokens", "GATEWAY_INTERNAL_TOKENS", _csv,
            "comma-separated service tokens; required outside dev mode", secret=True),
     Option("heartbeat_s", "GATEWAY_HEARTBEAT_S", _positive_float,
-           "WebSocket heartbeat: a peer silent to pings is dropped within 1.5 x this (30)"),
+           "WebSocket heartbeat, seconds: a peer silent to pings is dropped within 1.5 x this"),
     Option("hello_timeout_s", "GATEWAY_HELLO_TIMEOUT_S", _positive_float,
-           "time allowed for device_hello (15)"),
+           "time allowed for device_hello, seconds"),
     Option("app_ping", "GATEWAY_APP_PING", _bool,
-           "send legacy {type: ping} frames every heartbeat (true)"),
+           "send legacy {type: ping} frames every heartbeat"),
     Option("max_frame_bytes", "GATEWAY_MAX_FRAME_BYTES", _positive_int,
-           "largest frame accepted (4194304)"),
+           "largest frame accepted, bytes"),
     Option("max_inflight_calls_per_device", "GATEWAY_MAX_INFLIGHT_CALLS_PER_DEVICE",
-           _positive_int, "concurrent tool calls per device (64)"),
+           _positive_int, "concurrent tool calls per device"),
     Option("max_devices_per_user", "GATEWAY_MAX_DEVICES_PER_USER", _positive_int,
-           "devices one user may hold (32)"),
+           "devices one user may hold"),
     Option("max_connections", "GATEWAY_MAX_CONNECTIONS", _positive_int,
-           "device sockets per process (50000)"),
+           "device sockets per process"),
     Option("bad_frames_per_minute", "GATEWAY_BAD_FRAMES_PER_MINUTE", _positive_int,
-           "bad frames tolerated per device per minute (30)"),
+           "bad frames tolerated per device per minute"),
     Option("shutdown_timeout_s", "GATEWAY_SHUTDOWN_TIMEOUT_S", _positive_float,
-           "drain budget on SIGTERM (10)"),
+           "drain budget on SIGTERM, seconds"),
     Option("instance_id", "GATEWAY_INSTANCE_ID", _text,
-           "stable id of this process (<hostname>:<public port>)"),
+           "stable id of this process"),
     Option("log_level", "GATEWAY_LOG_LEVEL", _choice(*LOG_LEVELS), "debug|info|warning|error"),
     Option("log_format", "GATEWAY_LOG_FORMAT", _choice(*LOG_FORMATS),
-           "json|console (json; console on a terminal)"),
-    Option("auto_migrate", "GATEWAY_AUTO_MIGRATE", _bool, "apply migrations when serving (true)"),
+           "json|console"),
+    Option("auto_migrate", "GATEWAY_AUTO_MIGRATE", _bool, "apply migrations when serving"),
     Option("event_batch_max", "GATEWAY_EVENT_BATCH_MAX", _positive_int,
-           "events per COPY batch at most (2000)"),
+           "events per database write at most"),
     Option("event_queue_max", "GATEWAY_EVENT_QUEUE_MAX", _positive_int,
-           "events waiting for the database before devices are paused (20000)"),
+           "events waiting for the database before devices are paused"),
     Option("subscriber_buffer", "GATEWAY_SUBSCRIBER_BUFFER", _positive_int,
-           "live events buffered per slow reader before it re-reads the database (1000)"),
+           "live events buffered per slow reader before it re-reads the database"),
     Option("retention_days", "GATEWAY_RETENTION_DAYS", _retention_days,
            "finished runs and their events are removed this many days after they end; "
-           "0 keeps everything (30)"),
+           "0 keeps everything"),
 )
+
+# Defaults that ``Settings`` computes rather than states.
+DEFAULT_SHOWN = {
+    "instance_id": "<hostname>:<public port>",
+    "log_format": "json; console on a terminal",
+}
 
 SYSTEMD_VARIABLES = {
     "notify_socket": "NOTIFY_SOCKET",
@@ -244,7 +280,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             dest=option.field,
             default=None,
             metavar=option.env,
-            help=option.help,
+            help=option.described,
         )
 
 
@@ -336,4 +372,4 @@ def redacted_summary(settings: Settings) -> dict[str, Any]:
 
 def describe(options: Sequence[Option] = OPTIONS) -> str:
     """The environment variables, for --help epilogues."""
-    return "\n".join(f"  {o.env:<40} {o.help}" for o in options)
+    return "\n".join(f"  {o.env:<40} {o.described}" for o in options)

@@ -59,8 +59,15 @@ class Migration:
 
 
 def default_migrations_dir() -> Path:
-    """``<repo root>/migrations``, next to the ``gateway`` package."""
-    return Path(__file__).resolve().parent.parent / "migrations"
+    """The migrations shipped with this gateway.
+
+    Installed (a wheel), they are package data: ``gateway/migrations/``. In a
+    source checkout (and an editable install) they are the top-level
+    ``migrations/`` next to the ``gateway`` package, the one place they are edited.
+    """
+    package = Path(__file__).resolve().parent
+    installed = package / "migrations"
+    return installed if installed.is_dir() else package.parent / "migrations"
 
 
 def load_migrations(migrations_dir: Path) -> list[Migration]:

@@ -342,6 +342,20 @@ class Store:
         )
 
 
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    # Session settings every pooled connection shares.
+    await conn.execute("SET TIME ZONE 'UTC'")
+
+
+async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 10) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(
+        dsn, min_size=min_size, max_size=max_size, init=_init_connection,
+        command_timeout=60,
+    )
+    assert pool is not None
+    return pool
+
+
 # ---------------------------------------------------------------- retention
 #
 # Finished runs older than a cutoff are removed in small transactions: a few

@@ -42,7 +42,7 @@ from pg import (
     unique_database_name,
 )
 
-from gateway.embedded_db import EmbeddedPostgres
+from gateway.dev.embedded_db import EmbeddedPostgres
 
 TEST_DATABASE_URL_ENV = "GATEWAY_TEST_DATABASE_URL"
 
@@ -95,6 +95,18 @@ def database_url(pg_server_dsn: str, template_database: str) -> Iterator[str]:
         yield dsn_with_database(pg_server_dsn, name)
     finally:
         run_blocking(drop_database(pg_server_dsn, name))
+
+
+@pytest.fixture
+def empty_database_url(pg_server_dsn: str) -> Iterator[str]:
+    """A database with no schema at all (``database_url`` is already migrated)."""
+    name = unique_database_name("gw_empty")
+    run_blocking(create_database(pg_server_dsn, name))
+    try:
+        yield dsn_with_database(pg_server_dsn, name)
+    finally:
+        run_blocking(drop_database(pg_server_dsn, name))
+
 
 
 # ---------------------------------------------------------------- the gateway in-process

@@ -19,10 +19,8 @@ import jwt
 import orjson
 from aiohttp.test_utils import TestClient, TestServer
 
-from gateway.app import build_public_app, drain
-from gateway.config import Settings
-from gateway.internal_api import build_internal_app
-from gateway.services import Secrets, Services, open_services
+from gateway.app import Gateway, build_internal_app, build_public_app, drain, open_gateway
+from gateway.config import Secrets, Settings
 
 JWT_SECRET = "test-jwt-secret-0123456789abcdef"
 SERVICE_TOKEN = "test-service-token-0123456789"
@@ -113,7 +111,7 @@ class Device:
 
 @attrs.define(eq=False)
 class Harness:
-    svc: Services
+    svc: Gateway
     public: TestClient[Any, Any]
     internal: TestClient[Any, Any]
 
@@ -172,7 +170,7 @@ async def running_gateway(settings: Settings) -> Any:
     """Services + both apps on real sockets; drained and closed in order afterwards."""
     assert settings.database_url is not None
     secrets = Secrets(jwt_secret=settings.jwt_secret, internal_tokens=settings.internal_tokens)
-    async with open_services(settings, secrets, settings.database_url) as svc:
+    async with open_gateway(settings, secrets, settings.database_url) as svc:
         public = TestClient(TestServer(build_public_app(svc)))
         internal = TestClient(TestServer(build_internal_app(svc), handler_cancellation=True))
         await public.start_server()

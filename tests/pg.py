@@ -11,6 +11,7 @@ import concurrent.futures
 import os
 import shutil
 import tempfile
+import time
 import urllib.parse
 import uuid
 from collections.abc import Coroutine
@@ -18,8 +19,15 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
+import psutil  # type: ignore[import-untyped, unused-ignore]
 
-from gateway.embedded_db import reclaim_abandoned
+from gateway.dev.embedded_db import (
+    LOCK_FILE,
+    PID_FILE,
+    EmbeddedDbError,
+    acquire_lock,
+    stop_server_immediately,
+)
 from gateway.migrate import apply_migrations, default_migrations_dir
 
 T = TypeVar("T")
@@ -136,6 +144,71 @@ def remove_abandoned_test_servers(root: str | None) -> list[Path]:
             shutil.rmtree(data_dir, ignore_errors=True)
             removed.append(data_dir)
     return removed
+
+
+# A data directory whose lock file is younger may be one a live owner has
+# created and not yet locked; sweeps leave it alone.
+ABANDONED_MIN_AGE_S = 10.0
+
+
+def reclaim_abandoned(data_dir: Path, *, min_age_s: float = ABANDONED_MIN_AGE_S) -> bool:
+    """Stop the server a dead owner left on ``data_dir``; True when nobody owns it now.
+
+    A process that owns a data directory holds its lock for as long as it
+    lives, so a lock anyone can take means the owner died without stopping its
+    server (SIGKILL, the OOM killer, a CI timeout). False, and nothing touched,
+    when a live process holds the lock, when there is no lock file (not a data
+    directory of ours), when the lock file is younger than ``min_age_s`` (an
+    owner may be between creating and locking it), or when it cannot be told
+    for certain which process the server is. Blocking; for sweeps of
+    throwaway directories.
+    """
+    lock_file = data_dir / LOCK_FILE
+    try:
+        if time.time() - lock_file.stat().st_mtime < min_age_s:
+            return False
+    except OSError:
+        return False
+    try:
+        lock_fd = acquire_lock(data_dir)
+    except EmbeddedDbError:
+        return False
+    try:
+        pgdata = data_dir / "pgdata"
+        try:
+            lines = (pgdata / PID_FILE).read_text().splitlines()
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
+        if not lines or not lines[0].strip().isdigit():
+            return False
+        state = _server_state(int(lines[0]), pgdata)
+        if state == "running":
+            return stop_server_immediately(pgdata)
+        return state == "gone"
+    finally:
+        os.close(lock_fd)
+
+
+def _server_state(pid: int, pgdata: Path) -> str:
+    """"running" (the server of ``pgdata``), "gone" or "unknown", on evidence only.
+
+    Unlike ``_is_postmaster_of`` this never guesses "running": it decides
+    whether to signal a process, where a wrong guess would stop someone
+    else's server that reused the pid.
+    """
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return "gone"
+        if str(pgdata) in proc.cmdline() or Path(proc.cwd()) == pgdata:
+            return "running"
+        return "gone"  # the pid now belongs to another process
+    except psutil.NoSuchProcess:
+        return "gone"
+    except psutil.AccessDenied:
+        return "unknown"
 
 
 def run_blocking(coro: Coroutine[Any, Any, T]) -> T:

@@ -29,7 +29,7 @@ from pg import (
     run_blocking,
 )
 
-from gateway.embedded_db import EmbeddedDbError, EmbeddedPostgres, stop_server_immediately
+from gateway.dev.embedded_db import EmbeddedDbError, EmbeddedPostgres, stop_server_immediately
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Child gateways log to stderr, leaving stdout to what they report.
@@ -125,7 +125,7 @@ def start_and_get_killed(data_dir: Path) -> None:
         """
         import sys, time
         from pathlib import Path
-        from gateway.embedded_db import EmbeddedPostgres
+        from gateway.dev.embedded_db import EmbeddedPostgres
         EmbeddedPostgres.start(Path(sys.argv[1]))
         print("started", flush=True)
         time.sleep(60)
@@ -259,7 +259,7 @@ def test_works_as_a_normal_user(data_dir: Path) -> None:
         import asyncio, os, sys
         from pathlib import Path
         import asyncpg
-        from gateway.embedded_db import EmbeddedDbError, EmbeddedPostgres
+        from gateway.dev.embedded_db import EmbeddedDbError, EmbeddedPostgres
 
         async def whoami(dsn):
             conn = await asyncpg.connect(dsn)

@@ -16,7 +16,7 @@ from aiohttp import web
 from harness import OTHER_SERVICE_TOKEN, SERVICE_TOKEN, Harness
 
 from gateway.auth import ServiceTokens
-from gateway.internal_api import envelope
+from gateway.http.envelope import envelope
 
 SOME_RUN = str(uuid.uuid4())
 TOOL_CALL = {"user_id": "user-1", "tool": "echo"}

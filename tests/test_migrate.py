@@ -5,12 +5,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import shutil
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
 import pytest
-from pg import create_database, drop_database, dsn_with_database, run_blocking, unique_database_name
 
 from gateway.migrate import MigrationError, apply_migrations, default_migrations_dir
 
@@ -23,17 +22,6 @@ RUN_INDEXES = {
     "agent_run_logs_user_status_created_idx",
     "agent_run_logs_running_instance_idx",
 }
-
-
-@pytest.fixture
-def empty_database_url(pg_server_dsn: str) -> Iterator[str]:
-    """A database with no schema at all (``database_url`` is already migrated)."""
-    name = unique_database_name("gw_empty")
-    run_blocking(create_database(pg_server_dsn, name))
-    try:
-        yield dsn_with_database(pg_server_dsn, name)
-    finally:
-        run_blocking(drop_database(pg_server_dsn, name))
 
 
 @pytest.fixture

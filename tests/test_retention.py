@@ -18,10 +18,11 @@ import pytest
 from harness import JWT_SECRET, SERVICE_TOKEN, Harness
 from pg import create_database, drop_database, dsn_with_database, run_blocking, unique_database_name
 
-from gateway import retention, store
+from gateway import store
 from gateway.config import ConfigError, load_settings
 from gateway.migrate import apply_migrations, default_migrations_dir
-from gateway.services import create_pool
+from gateway.runs import retention
+from gateway.store import create_pool
 
 ROOT = Path(__file__).resolve().parent.parent
 DAY = "interval '1 day'"

@@ -21,7 +21,7 @@ import orjson
 import pytest
 from harness import SERVICE_TOKEN, Device, Harness
 
-from gateway.live import Subscription
+from gateway.runs.live import Subscription
 from gateway.store import StoredEvent
 
 AGENT = "agent-1"

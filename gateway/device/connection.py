@@ -19,10 +19,9 @@ from typing import Any
 import attrs
 import structlog
 
-from gateway import codes
-from gateway.codes import CloseCode
-from gateway.device import messages
-from gateway.device.frames import ToolResult
+from gateway.wire import codes, messages
+from gateway.wire.codes import CloseCode
+from gateway.wire.frames import ToolResult
 
 SendFn = Callable[[bytes], Awaitable[None]]
 CloseFn = Callable[[int, str], Coroutine[Any, Any, Any]]
@@ -163,7 +162,7 @@ class Connection:
         started = loop.time()
         call = PendingCall(
             # Unique per connection is all a call id needs (ownership, not secrecy,
-            # keeps other devices out); uuid4 per call was ~9 % of a tool call.
+            # keeps other devices out); a uuid4 per call cost measurably.
             call_id=f"{self.connection_id[:8]}-{next(self._call_ids)}",
             tool=tool,
             future=loop.create_future(),

@@ -9,14 +9,18 @@ import time
 import structlog
 from aiohttp import WSMsgType, web
 
-from gateway import codes
-from gateway.auth import AuthError, bearer_token
-from gateway.codes import CloseCode
-from gateway.device import frames, messages
+from gateway.auth import AUTHENTICATOR, AuthError, bearer_token
+from gateway.config import SETTINGS
 from gateway.device.connection import Connection, ConnectionGone
-from gateway.device.frames import FrameError, Hello
 from gateway.device.handlers import DeviceContext, dispatch, refuse
-from gateway.services import Services, services
+from gateway.device.registry import REGISTRY
+from gateway.device.sockets import DEVICE_SOCKETS
+from gateway.metrics import METRICS, Metrics
+from gateway.runs.lifecycle import RUNS
+from gateway.shutdown import SHUTDOWN
+from gateway.wire import codes, frames, messages
+from gateway.wire.codes import CloseCode
+from gateway.wire.frames import FrameError, Hello
 
 log = structlog.get_logger(__name__)
 
@@ -49,8 +53,8 @@ def aiohttp_heartbeat(heartbeat_s: float) -> float:
     raise AssertionError("unreachable: two roundings at most")
 
 
-def _refuse_handshake(svc: Services, status: int, error: str, detail: str) -> web.Response:
-    svc.metrics.handshakes_refused.labels(error).inc()
+def _refuse_handshake(metrics: Metrics, status: int, error: str, detail: str) -> web.Response:
+    metrics.handshakes_refused.labels(error).inc()
     return web.json_response({"error": error, "detail": detail}, status=status)
 
 
@@ -60,46 +64,47 @@ def _close_reason(text: str) -> bytes:
 
 async def device_ws(request: web.Request) -> web.StreamResponse:
     """GET /api/v1/ws/device — PROTOCOL.md §1."""
-    svc = services(request.app)
-    settings = svc.settings
-    if svc.draining:
-        return _refuse_handshake(svc, 503, codes.SHUTTING_DOWN, "the gateway is shutting down")
-    if svc.sockets >= settings.max_connections:
-        return _refuse_handshake(svc, 503, codes.OVER_CAPACITY,
+    app = request.app
+    settings = app[SETTINGS]
+    metrics = app[METRICS]
+    sockets = app[DEVICE_SOCKETS]
+    if app[SHUTDOWN].draining:
+        return _refuse_handshake(metrics, 503, codes.SHUTTING_DOWN,
+                                 "the gateway is shutting down")
+    if len(sockets) >= settings.max_connections:
+        return _refuse_handshake(metrics, 503, codes.OVER_CAPACITY,
                                  "the gateway holds its maximum of connections")
     token = request.query.get("token") or bearer_token(request.headers.get("Authorization"))
     try:
-        claims = svc.authenticator.verify(token or "")
+        claims = app[AUTHENTICATOR].verify(token or "")
     except AuthError as exc:
         log.info("device_auth_refused", reason=str(exc), remote=request.remote)
-        return _refuse_handshake(svc, 401, codes.UNAUTHORIZED, str(exc))
+        return _refuse_handshake(metrics, 401, codes.UNAUTHORIZED, str(exc))
 
     ws = web.WebSocketResponse(
         heartbeat=aiohttp_heartbeat(settings.heartbeat_s), autoping=True,
         max_msg_size=settings.max_frame_bytes, timeout=CLOSE_TIMEOUT_S, decode_text=False,
     )
     if not ws.can_prepare(request).ok:
-        return _refuse_handshake(svc, 400, codes.BAD_REQUEST, "a WebSocket upgrade is required")
-    svc.socket_opened(ws, request)
+        return _refuse_handshake(metrics, 400, codes.BAD_REQUEST,
+                                 "a WebSocket upgrade is required")
+    sockets.opened(ws, request)
     try:
         await ws.prepare(request)
-        svc.metrics.connections_opened.inc()
+        metrics.connections_opened.inc()
         # This handler is its connection's own task, so the binding ends with it
         # (and a plain bind holds less per connection than nested contexts).
         structlog.contextvars.bind_contextvars(user_id=claims.user_id)
-        svc.hello_sockets.add(ws)
-        try:
+        with sockets.awaiting_hello(ws):
             hello = await _receive_hello(ws, settings.hello_timeout_s)
-        finally:
-            svc.hello_sockets.discard(ws)
         if hello is None:
-            svc.metrics.connections_closed.labels(str(ws.close_code)).inc()
+            metrics.connections_closed.labels(str(ws.close_code)).inc()
             return ws
         structlog.contextvars.bind_contextvars(device_id=hello.device_id)
-        await _serve_device(svc, ws, claims.user_id, claims.expires_at, hello,
+        await _serve_device(app, ws, claims.user_id, claims.expires_at, hello,
                             request.transport)
     finally:
-        svc.socket_closed(ws)
+        sockets.closed(ws)
     return ws
 
 
@@ -132,18 +137,20 @@ async def _close(ws: web.WebSocketResponse, code: int, reason: str) -> None:
 
 
 async def _serve_device(
-    svc: Services, ws: web.WebSocketResponse, user_id: str, expires_at: float | None,
+    app: web.Application, ws: web.WebSocketResponse, user_id: str, expires_at: float | None,
     hello: Hello, transport: asyncio.Transport | None,
 ) -> None:
-    settings = svc.settings
-    registry = svc.registry
+    settings = app[SETTINGS]
+    registry = app[REGISTRY]
+    metrics = app[METRICS]
+    runs = app[RUNS]
     if registry.other_device_count(user_id, hello.device_id) >= settings.max_devices_per_user:
         log.info("device_refused_too_many", limit=settings.max_devices_per_user)
         await _close(ws, CloseCode.TOO_MANY_DEVICES, "too_many_devices")
-        svc.metrics.connections_closed.labels(str(CloseCode.TOO_MANY_DEVICES.value)).inc()
+        metrics.connections_closed.labels(str(CloseCode.TOO_MANY_DEVICES.value)).inc()
         return
 
-    count_out = svc.metrics.frame_out
+    count_out = metrics.frame_out
 
     async def send(frame: bytes) -> None:
         await ws.send_frame(frame, WSMsgType.TEXT)
@@ -167,12 +174,12 @@ async def _serve_device(
         max_inflight_calls=settings.max_inflight_calls_per_device,
     )
     ctx = DeviceContext(
-        conn=conn, runs=svc.runs, authenticator=svc.authenticator, metrics=svc.metrics,
+        conn=conn, runs=runs, authenticator=app[AUTHENTICATOR], metrics=metrics,
         heartbeat_s=settings.heartbeat_s, bad_frames_per_minute=settings.bad_frames_per_minute,
     )
     started = time.monotonic()
     previous = registry.register(conn)
-    svc.metrics.devices_connected.set(len(registry))
+    metrics.devices_connected.set(len(registry))
     if previous is not None:
         log.info("device_replaced", old_connection_id=previous.connection_id)
         previous.request_close(CloseCode.REPLACED, "replaced")
@@ -180,10 +187,10 @@ async def _serve_device(
     log.info("device_connected", connection_id=conn.connection_id,
              agent_ids=list(conn.agent_ids), replaced=previous is not None)
     try:
-        claimed = await svc.runs.claim_for(conn, hello.agent_ids)
+        claimed = await runs.claim_for(conn, hello.agent_ids)
         await conn.acknowledge(messages.hello_ack(
             connection_id=conn.connection_id, heartbeat_s=settings.heartbeat_s))
-        await svc.runs.send_claimed(conn, claimed)
+        await runs.send_claimed(conn, claimed)
         await _receive_loop(ctx, ws)
     except ConnectionGone:
         pass
@@ -195,7 +202,7 @@ async def _serve_device(
         # always on in its test server) and at shutdown; the cleanup must still finish,
         # or the device's runs stay `running` until the next restart (§1.7). So it runs
         # as its own task, which the handler still awaits when cancelled.
-        cleanup = asyncio.ensure_future(_cleanup(svc, ws, conn, started))
+        cleanup = asyncio.ensure_future(_cleanup(app, ws, conn, started))
         try:
             await asyncio.shield(cleanup)
         except asyncio.CancelledError:
@@ -215,14 +222,16 @@ async def _receive_loop(ctx: DeviceContext, ws: web.WebSocketResponse) -> None:
             return
 
 
-async def _cleanup(svc: Services, ws: web.WebSocketResponse, conn: Connection,
+async def _cleanup(app: web.Application, ws: web.WebSocketResponse, conn: Connection,
                    started: float) -> None:
     """Exactly this connection's things: its registration, its calls, its runs."""
-    draining = svc.draining
+    draining = app[SHUTDOWN].draining
+    registry = app[REGISTRY]
+    metrics = app[METRICS]
     if not conn.closing:  # the peer (or the network) ended it, not us
         conn.mark_closing(ws.close_code or CloseCode.NORMAL, "")
-    removed = svc.registry.remove(conn)
-    svc.metrics.devices_connected.set(len(svc.registry))
+    removed = registry.remove(conn)
+    metrics.devices_connected.set(len(registry))
     if draining:
         failed_calls = conn.fail_pending(codes.GATEWAY_SHUTDOWN, "the gateway is shutting down")
     else:
@@ -231,15 +240,15 @@ async def _cleanup(svc: Services, ws: web.WebSocketResponse, conn: Connection,
     try:
         reason = (codes.RUN_ERROR_GATEWAY_SHUTDOWN if draining
                   else codes.RUN_ERROR_DEVICE_DISCONNECTED)
-        failed_runs = [str(r) for r in await svc.runs.target_gone(conn, reason)]
+        failed_runs = [str(r) for r in await app[RUNS].target_gone(conn, reason)]
     except Exception as exc:  # the restart sweep marks them if the database is down
-        svc.metrics.db_errors.labels("device_gone").inc()
+        metrics.db_errors.labels("device_gone").inc()
         log.error("device_cleanup_failed", error=repr(exc))
     if not ws.closed:
         await _close(ws, conn.close_code or CloseCode.NORMAL, conn.close_reason)
     await conn.wait_closed(CLOSE_TIMEOUT_S)
     code = conn.close_code
-    svc.metrics.connections_closed.labels(str(code)).inc()
+    metrics.connections_closed.labels(str(code)).inc()
     log.info(
         "device_disconnected", connection_id=conn.connection_id, close_code=code,
         reason=conn.close_reason or None, duration_s=round(time.monotonic() - started, 3),

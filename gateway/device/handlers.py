@@ -13,14 +13,13 @@ from typing import Final
 import attrs
 import structlog
 
-from gateway import codes
 from gateway.auth import AuthError, DeviceAuthenticator
-from gateway.codes import CloseCode
-from gateway.device import frames, messages
 from gateway.device.connection import Connection, ConnectionGone
-from gateway.device.frames import Frame, FrameError
 from gateway.metrics import Metrics
-from gateway.runs import RunRefused, Runs
+from gateway.runs.lifecycle import RunRefused, Runs
+from gateway.wire import codes, frames, messages
+from gateway.wire.codes import CloseCode
+from gateway.wire.frames import Frame, FrameError
 
 log = structlog.get_logger(__name__)
 

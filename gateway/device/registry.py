@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import attrs
+from aiohttp import web
 
 from gateway.device.connection import Connection
 
@@ -73,3 +74,6 @@ class Registry:
             and (device_id is None or c.device_id == device_id)
         ]
         return max(candidates, key=lambda c: c.connected_at, default=None)
+
+
+REGISTRY = web.AppKey("registry", Registry)

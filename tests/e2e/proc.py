@@ -193,11 +193,14 @@ class GatewayProcess:
 
 def start_gateway(env: Mapping[str, str], *, args: Sequence[str] = (),
                   log_dir: Path | None = None, public_port: int | None = None,
-                  internal_port: int | None = None) -> GatewayProcess:
+                  internal_port: int | None = None,
+                  program: Sequence[str] | None = None, cwd: Path = REPO_ROOT,
+                  ) -> GatewayProcess:
     """Spawn ``python run_gateway.py [args]`` with ``env`` on free ports (not yet ready).
 
     The ports are set through GATEWAY_PUBLIC_PORT / GATEWAY_INTERNAL_PORT
-    unless ``env`` already names them.
+    unless ``env`` already names them. ``program`` replaces
+    ``python run_gateway.py`` (an installed ``device-gateway`` script, say).
     """
     env = dict(env)
     if public_port is None or internal_port is None:
@@ -213,7 +216,8 @@ def start_gateway(env: Mapping[str, str], *, args: Sequence[str] = (),
     with stdout_path.open("wb") as out, stderr_path.open("wb") as err:
         started_at = time.monotonic()
         popen = subprocess.Popen(
-            [sys.executable, str(ENTRY_POINT), *args], cwd=REPO_ROOT, env=child_env(env),
+            [*(program or (sys.executable, str(ENTRY_POINT))), *args], cwd=cwd,
+            env=child_env(env),
             stdin=subprocess.DEVNULL, stdout=out, stderr=err,
         )
     return GatewayProcess(

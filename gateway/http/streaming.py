@@ -13,7 +13,9 @@ import uuid
 import orjson
 from aiohttp import web
 
-from gateway.services import Services
+from gateway.runs.lifecycle import RUNS
+from gateway.runs.live import LIVE
+from gateway.shutdown import SHUTDOWN
 from gateway.store import RunRecord, StoredEvent
 
 EVENTS_PAGE = 1000
@@ -38,15 +40,18 @@ def _sse_end(record: RunRecord) -> bytes:
 
 
 async def stream_run_events(
-    request: web.Request, svc: Services, run_id: uuid.UUID, *, after: int, sse: bool
+    request: web.Request, run_id: uuid.UUID, *, after: int, sse: bool
 ) -> web.StreamResponse:
+    store = request.app[RUNS].store
+    live = request.app[LIVE]
+    shutdown = request.app[SHUTDOWN]
     encode = _sse if sse else _ndjson
     response = web.StreamResponse(headers={
         "Content-Type": "text/event-stream" if sse else "application/x-ndjson",
         "Cache-Control": "no-cache",
         "X-Accel-Buffering": "no",
     })
-    subscription = svc.live.subscribe(run_id)
+    subscription = live.subscribe(run_id)
     try:
         await response.prepare(request)
         last = after
@@ -55,9 +60,9 @@ async def stream_run_events(
         while True:
             if catch_up:
                 # The record first: if it says finished, everything is stored.
-                record = await svc.store.get_run(run_id)
+                record = await store.get_run(run_id)
                 while True:
-                    events = await svc.store.events_after(run_id, last, EVENTS_PAGE)
+                    events = await store.events_after(run_id, last, EVENTS_PAGE)
                     if events:
                         await response.write(encode(events))
                         last = events[-1].seq
@@ -65,7 +70,7 @@ async def stream_run_events(
                         break
                 if record is None or record.finished:
                     break
-                if svc.draining:
+                if shutdown.draining:
                     # Cut short, with no `end` (the run has not ended): the reader
                     # resumes on another gateway with ?after=<last seq>.
                     record = None
@@ -82,5 +87,5 @@ async def stream_run_events(
             await response.write(_sse_end(record))
         await response.write_eof()
     finally:
-        svc.live.unsubscribe(subscription)
+        live.unsubscribe(subscription)
     return response

@@ -13,7 +13,7 @@ from typing import Any
 import attrs
 import orjson
 
-from gateway import codes
+from gateway.wire import codes
 
 MAX_ID_CHARS = 256
 MAX_AGENT_IDS = 256

@@ -11,8 +11,7 @@ from typing import TextIO
 import orjson
 
 from gateway.auth import mint_device_token
-from gateway.config import Settings
-from gateway.services import Secrets
+from gateway.config import Secrets, Settings
 
 SECRETS_FILE = "dev-secrets.json"
 BANNER_TOKEN_TTL_S = 24 * 3600

@@ -10,7 +10,12 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from gateway.services import Services, services
+from gateway.device.registry import REGISTRY
+from gateway.metrics import METRICS
+from gateway.runs.events import EVENT_WRITER
+from gateway.runs.lifecycle import RUNS
+from gateway.shutdown import SHUTDOWN
+from gateway.tasks import TASKS
 
 READY_DB_TIMEOUT_S = 2.0
 
@@ -20,33 +25,38 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-async def _readiness(svc: Services) -> tuple[int, dict[str, object]]:
-    """What /readyz answers: 200 only while the database answers and we are not draining."""
-    if svc.draining:
+async def _readiness(app: web.Application) -> tuple[int, dict[str, object]]:
+    """What /readyz answers: 200 only while the database answers, every background
+    loop runs, and we are not draining."""
+    if app[SHUTDOWN].draining:
         return 503, {"status": "draining"}
     try:
         async with asyncio.timeout(READY_DB_TIMEOUT_S):
-            await svc.store.ping()
+            await app[RUNS].store.ping()
     except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        svc.metrics.db_errors.labels("readyz").inc()
+        app[METRICS].db_errors.labels("readyz").inc()
         return 503, {"status": "database_unavailable", "detail": type(exc).__name__}
-    return 200, {"status": "ready", "devices": len(svc.registry)}
+    down = app[TASKS].unhealthy()
+    if down:
+        return 503, {"status": "background_task_down", "tasks": down}
+    return 200, {"status": "ready", "devices": len(app[REGISTRY])}
 
 
 async def readyz(request: web.Request) -> web.Response:
-    status, body = await _readiness(services(request.app))
+    status, body = await _readiness(request.app)
     return web.json_response(body, status=status)
 
 
 async def metrics(request: web.Request) -> web.Response:
-    svc = services(request.app)
-    svc.metrics.event_queue_depth.set(svc.writer.depth)
-    svc.metrics.event_queue_capacity.set(svc.writer.queue_max)
+    exported = request.app[METRICS]
+    writer = request.app[EVENT_WRITER]
+    exported.event_queue_depth.set(writer.depth)
+    exported.event_queue_capacity.set(writer.queue_max)
     # The same check as /readyz, so an alert on gateway_ready == 0 fires for a
     # process that is up (scraped) but would be taken out of the balancer.
-    status, _ = await _readiness(svc)
-    svc.metrics.ready.set(1 if status == 200 else 0)
-    return web.Response(body=svc.metrics.exposition(),
+    status, _ = await _readiness(request.app)
+    exported.ready.set(1 if status == 200 else 0)
+    return web.Response(body=exported.exposition(),
                         headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

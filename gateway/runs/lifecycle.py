@@ -1,9 +1,12 @@
 """Run lifecycle: create, dispatch, claim on hello, events, end, cancel, device gone.
 
-This module never imports ``gateway.device``: whoever dispatches hands it a
+This module never imports ``gateway.device``: it is handed ``RunTargets`` (the
+registry, anything that finds a connected device for an agent) and each
 ``RunTarget`` (anything with ids, ``closing`` and an async ``send``), so the
-lifecycle can be driven by a fake sender in tests. Which runs a target feeds
-is tracked here, in memory, and cleaned up by ``target_gone``.
+lifecycle can be driven by a fake sender in tests. It builds its frames with
+``gateway.wire.messages``. Which runs a target feeds is tracked here, in
+memory, and cleaned up by ``target_gone``. The scheduler, the cancel listener
+and the event writer are modules of their own beside it.
 """
 
 from __future__ import annotations
@@ -12,29 +15,25 @@ import asyncio
 import collections
 import datetime as dt
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Protocol
 
-import asyncpg
 import attrs
 import orjson
 import structlog
+from aiohttp import web
 
-from gateway import codes
-from gateway.events import EventWriter
-from gateway.live import LiveEvents
 from gateway.metrics import Metrics
+from gateway.runs.events import EventWriter
+from gateway.runs.live import LiveEvents
 from gateway.store import RunRecord, Store
+from gateway.wire import codes, messages
 
 log = structlog.get_logger(__name__)
 
 # Remembered per target so a late frame for a run it just ended is answered
 # `run_finished` without a database round trip.
 RECENTLY_FINISHED_PER_TARGET = 256
-# Scheduler windows overlap by this much, so a run committed just after a
-# window's query is still seen by the next one.
-SCHEDULER_OVERLAP = dt.timedelta(seconds=5)
-SCHEDULER_MAX_SLEEP_S = 30.0
 
 
 class RunTarget(Protocol):
@@ -51,9 +50,12 @@ class RunTarget(Protocol):
     async def send(self, frame: bytes) -> None: ...
 
 
-Locate = Callable[[str, str, str | None], RunTarget | None]
-BuildAgentRun = Callable[[RunRecord], bytes]
-BuildAgentCancel = Callable[[str, str], bytes]
+class RunTargets(Protocol):
+    """Where runs find their device: the registry of connected devices."""
+
+    def locate_agent(
+        self, user_id: str, agent_id: str, device_id: str | None
+    ) -> RunTarget | None: ...
 
 
 class RunRefused(Exception):
@@ -100,15 +102,14 @@ class Runs:
     live: LiveEvents
     metrics: Metrics
     instance_id: str
-    locate: Locate
-    build_agent_run: BuildAgentRun
-    build_agent_cancel: BuildAgentCancel
+    targets: RunTargets
     _active: dict[uuid.UUID, ActiveRun] = attrs.Factory(dict)
     _active_by_text: dict[str, ActiveRun] = attrs.Factory(dict)
     _by_target: dict[str, set[uuid.UUID]] = attrs.Factory(dict)
     _finished_by_target: dict[str, collections.OrderedDict[uuid.UUID, None]] = attrs.Factory(
         dict)
-    _scheduler_wake: asyncio.Event = attrs.Factory(asyncio.Event)
+    # Set when a run is created for later: the scheduler looks again.
+    scheduler_wake: asyncio.Event = attrs.Factory(asyncio.Event)
 
     # ------------------------------------------------------------ start-up
 
@@ -135,15 +136,22 @@ class Runs:
         log.info("run_created", run_id=str(record.id), user_id=user_id, agent_id=agent_id,
                  device_id=device_id, scheduled_at=record.scheduled_at.isoformat())
         if not due:
-            self._scheduler_wake.set()
+            self.scheduler_wake.set()
             return record
-        target = self.locate(user_id, agent_id, device_id)
+        target = self.targets.locate_agent(user_id, agent_id, device_id)
         if target is None:
             return record
         dispatched = await self._dispatch(record.id, target)
         if dispatched is None:  # another process claimed it first: show what it is now
             return await self.store.get_run(record.id) or record
         return dispatched
+
+    async def dispatch_due(self, run_id: uuid.UUID, user_id: str, agent_id: str,
+                           device_id: str | None) -> None:
+        """The scheduler's part: a pending run fell due; dispatch it if its device is here."""
+        target = self.targets.locate_agent(user_id, agent_id, device_id)
+        if target is not None:
+            await self._dispatch(run_id, target)
 
     async def _dispatch(self, run_id: uuid.UUID, target: RunTarget) -> RunRecord | None:
         record = await self.store.dispatch_run(
@@ -176,7 +184,8 @@ class Runs:
     async def _send_run(self, record: RunRecord, active: ActiveRun) -> None:
         active.announced = True  # before the await: a cancel from now on must follow it
         try:
-            await active.target.send(self.build_agent_run(record))
+            await active.target.send(messages.agent_run(
+                run_id=str(record.id), agent_id=record.agent_id, input_json=record.input))
         except Exception as exc:  # the device's own cleanup ends the run
             log.info("run_dispatch_send_failed", run_id=str(record.id), error=repr(exc))
 
@@ -345,7 +354,7 @@ class Runs:
         if not active.announced:  # claimed at hello, cancelled before its agent_run
             return
         try:
-            await active.target.send(self.build_agent_cancel(str(run_id), reason))
+            await active.target.send(messages.agent_cancel(run_id=str(run_id), reason=reason))
         except Exception as exc:
             log.info("agent_cancel_send_failed", run_id=str(run_id), error=repr(exc))
 
@@ -358,39 +367,5 @@ class Runs:
         await self.writer.flush()
         self.live.end(run_id)
 
-    # ------------------------------------------------------------ scheduled runs
 
-    async def run_scheduler(self) -> None:
-        """Dispatch runs whose scheduled_at falls due while a fitting device is online.
-
-        One task for the whole gateway: it sleeps until the next scheduled run
-        (or until a new one is created) and then looks at the window of runs
-        that fell due since its last look. Runs that were due while no fitting
-        device was connected are claimed by that device's next hello instead.
-        """
-        window_start = await self.store.now()
-        while True:
-            try:
-                next_at = await self.store.next_scheduled_after(window_start)
-                now = await self.store.now()
-                sleep_s = SCHEDULER_MAX_SLEEP_S
-                if next_at is not None:
-                    sleep_s = min(sleep_s, max(0.0, (next_at - now).total_seconds()))
-                if sleep_s > 0:
-                    try:
-                        async with asyncio.timeout(sleep_s):
-                            await self._scheduler_wake.wait()
-                    except TimeoutError:
-                        pass
-                self._scheduler_wake.clear()
-                now = await self.store.now()
-                due = await self.store.pending_due_between(window_start - SCHEDULER_OVERLAP, now)
-                window_start = now
-                for run in due:
-                    target = self.locate(run.user_id, run.agent_id, run.device_id)
-                    if target is not None:
-                        await self._dispatch(run.id, target)
-            except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
-                self.metrics.db_errors.labels("scheduler").inc()
-                log.error("scheduler_failed", error=repr(exc))
-                await asyncio.sleep(1.0)
+RUNS = web.AppKey("runs", Runs)

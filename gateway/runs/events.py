@@ -1,8 +1,9 @@
 """The batched, back-pressured writer of agent_run_events.
 
-One task owned by the gateway drains a bounded buffer into PostgreSQL with one
-COPY per batch. When the buffer is full, ``put`` waits, and since the device's
-receive loop awaits ``put``, that device's socket stops being read: memory
+One supervised task (``run``) drains a bounded buffer into PostgreSQL with
+one multi-row ``INSERT … FROM unnest(…)`` per batch. When the buffer is full,
+``put`` waits, and since the device's receive loop awaits ``put``, that
+device's socket stops being read: memory
 stays bounded and no event is ever dropped (PROTOCOL.md §3.4). Only after a
 batch is committed are its events handed to live readers, so a reader that
 subscribes and then reads the database can never miss one.
@@ -18,9 +19,10 @@ import uuid
 import asyncpg
 import attrs
 import structlog
+from aiohttp import web
 
-from gateway.live import LiveEvents
 from gateway.metrics import Metrics
+from gateway.runs.live import LiveEvents
 from gateway.store import Store, StoredEvent
 
 log = structlog.get_logger(__name__)
@@ -30,8 +32,7 @@ EventRecord = tuple[uuid.UUID, int, str, dt.datetime]
 # Events put before the putting task yields to the event loop. A device's task
 # does not suspend while its socket has frames buffered, so it would put a whole
 # read (hundreds of events) in one step, and the writer's database round trip
-# would wait for every streaming device's step to end: with this, ingest from 10
-# devices went from 53k to 68k events/s, from one device from 56k to 80k.
+# would wait for every streaming device's step to end (benchmarks/RESULTS.md).
 PUTS_PER_TURN = 16
 RETRY_FIRST_S = 0.05
 RETRY_MAX_S = 2.0
@@ -50,12 +51,11 @@ class EventWriter:
     _has_work: asyncio.Event = attrs.Factory(asyncio.Event)
     _has_room: asyncio.Event = attrs.Factory(asyncio.Event)
     _flush_waiters: list[tuple[int, asyncio.Future[None]]] = attrs.Factory(list)
-    _task: asyncio.Task[None] | None = None
     _stopping: bool = False
+    _stopped: asyncio.Event = attrs.Factory(asyncio.Event)
 
-    def start(self) -> None:
+    def __attrs_post_init__(self) -> None:
         self._has_room.set()
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="event-writer")
 
     @property
     def depth(self) -> int:
@@ -77,7 +77,7 @@ class EventWriter:
         target = self._enqueued
         if self._committed >= target:
             return
-        if self._task is None or self._task.done():
+        if self._stopped.is_set():
             raise RuntimeError("event writer is not running")
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._flush_waiters.append((target, future))
@@ -85,26 +85,30 @@ class EventWriter:
         await future
 
     async def stop(self, within_s: float) -> None:
-        """Write what is buffered (within ``within_s``), then end the task."""
-        if self._task is None:
-            return
+        """Let ``run`` write what is buffered (within ``within_s``) and return.
+
+        The task itself belongs to the supervisor, which cancels it afterwards
+        if it is still there (then the loss is logged here, by run).
+        """
         self._stopping = True
         self._has_work.set()
         try:
             async with asyncio.timeout(within_s):
-                await asyncio.shield(self._task)
+                await self._stopped.wait()
         except TimeoutError:
             # What is lost, by run, for whoever reconciles with the devices' own logs.
             lost = collections.Counter(str(run_id) for run_id, _seq, _data, _at in self._buffer)
             log.error("event_writer_stop_timeout", unwritten=len(self._buffer),
                       runs=dict(lost.most_common(100)))
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            self._stopped.set()
+            self._release_flush_waiters(failed=True)
 
-    async def _run(self) -> None:
+    async def run(self) -> None:
+        """The writer loop, run under the supervisor (restarted with its buffer intact)."""
         while True:
             if not self._buffer:
                 if self._stopping:
+                    self._stopped.set()
                     return
                 self._has_work.clear()
                 await self._has_work.wait()
@@ -141,12 +145,15 @@ class EventWriter:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_S)
 
-    def _release_flush_waiters(self) -> None:
+    def _release_flush_waiters(self, *, failed: bool = False) -> None:
         if not self._flush_waiters:
             return
         still: list[tuple[int, asyncio.Future[None]]] = []
         for target, future in self._flush_waiters:
-            if self._committed >= target:
+            if failed:
+                if not future.done():
+                    future.set_exception(RuntimeError("event writer is not running"))
+            elif self._committed >= target:
                 if not future.done():
                     future.set_result(None)
             else:
@@ -161,3 +168,6 @@ class EventWriter:
                 by_run.setdefault(run_id, []).append(StoredEvent(seq, data, received_at))
         for run_id, events in by_run.items():
             self.live.publish(run_id, events)
+
+
+EVENT_WRITER = web.AppKey("event_writer", EventWriter)

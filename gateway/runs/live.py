@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Sequence
 
 import attrs
+from aiohttp import web
 
 from gateway.store import StoredEvent
 
@@ -98,3 +99,6 @@ class LiveEvents:
     @property
     def reader_count(self) -> int:
         return sum(len(subs) for subs in self._subscriptions.values())
+
+
+LIVE = web.AppKey("live_events", LiveEvents)

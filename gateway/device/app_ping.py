@@ -1,0 +1,30 @@
+"""The legacy application heartbeat: ``{"type": "ping"}`` to every device each interval.
+
+Not a liveness check (aiohttp's WebSocket heartbeat is): old Electron builds
+simply expect the frame. One task for all devices, not one each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from gateway.device.registry import Registry
+from gateway.wire import messages
+
+SEND_TIMEOUT_S = 1.0
+# Let other work in between large fan-outs.
+YIELD_EVERY = 500
+
+
+async def app_ping_loop(registry: Registry, interval_s: float) -> None:
+    while True:
+        await asyncio.sleep(interval_s)
+        for index, conn in enumerate(registry, start=1):
+            if conn.closing:
+                continue
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(SEND_TIMEOUT_S):
+                    await conn.send(messages.PING)
+            if index % YIELD_EVERY == 0:
+                await asyncio.sleep(0)
