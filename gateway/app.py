@@ -38,6 +38,7 @@ from gateway.runs.continuity import Continuity
 from gateway.runs.events import EVENT_WRITER, EventWriter
 from gateway.runs.lifecycle import RUNS, Runs
 from gateway.runs.live import LIVE, LiveEvents
+from gateway.runs.retention import retention_loop
 from gateway.runs.scheduler import run_scheduler
 from gateway.runs.tracking import Tracking
 from gateway.shutdown import SHUTDOWN, Shutdown
@@ -159,6 +160,8 @@ async def open_gateway(
             tasks.supervise("run-expiry", continuity.expire_loop)
         if settings.app_ping:
             tasks.supervise("app-ping", lambda: app_ping_loop(registry, settings.heartbeat_s))
+        tasks.supervise("retention",
+                        lambda: retention_loop(pool, settings.retention_days, metrics))
         try:
             yield gw
         finally:

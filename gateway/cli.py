@@ -1,4 +1,4 @@
-"""Command line: ``serve`` (default), ``migrate``, ``token``, ``device``."""
+"""Command line: ``serve`` (default), ``migrate``, ``prune``, ``token``, ``device``."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from gateway.config import load_settings as build_settings
 
 log = structlog.get_logger(__name__)
 
-COMMANDS = ("serve", "migrate", "token", "device")
+COMMANDS = ("serve", "migrate", "prune", "token", "device")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(serve)
     migrate = commands.add_parser("migrate", help="apply pending migrations and exit")
     add_arguments(migrate)
+    prune = commands.add_parser(
+        "prune", help="remove finished runs older than the retention period, and their events")
+    prune.add_argument("--older-than", type=_days, default=None, metavar="DAYS",
+                       help="age in days (default: GATEWAY_RETENTION_DAYS)")
+    prune.add_argument("--dry-run", action="store_true",
+                       help="only count what would be removed")
+    add_arguments(prune)
     token = commands.add_parser("token", help="mint a device JWT with the configured secret")
     token.add_argument("--sub", required=True, help="the user id (JWT sub)")
     token.add_argument("--ttl", type=float, default=3600.0, help="lifetime in seconds (3600)")
@@ -64,7 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     configure_logging(level=settings.log_level, fmt=settings.log_format)
     handlers: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
-        "serve": cmd_serve, "migrate": cmd_migrate, "token": cmd_token, "device": cmd_device,
+        "serve": cmd_serve, "migrate": cmd_migrate, "prune": cmd_prune, "token": cmd_token,
+        "device": cmd_device,
     }
     try:
         return handlers[args.command](settings, args)
@@ -126,6 +134,52 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         stop_db()
     log.info("migrate_finished", applied=applied, up_to_date=not applied)
+    return 0
+
+
+def _days(value: str) -> float:
+    try:
+        days = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of days: {value!r}") from None
+    if not days > 0 or days == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of days: {value!r}")
+    return days
+
+
+def cmd_prune(settings: Settings, args: argparse.Namespace) -> int:
+    """By hand what the retention loop does: the same batches, the same lock."""
+    from gateway.runs import retention
+    from gateway.store import create_pool
+
+    days = args.older_than if args.older_than is not None else settings.retention_days
+    if days <= 0:
+        raise ConfigError("GATEWAY_RETENTION_DAYS is 0 (keep everything): give --older-than DAYS")
+    dsn, stop_db, _ = _database(settings)
+
+    async def prune() -> retention.PruneResult:
+        pool = await create_pool(dsn, min_size=1, max_size=1)
+        try:
+            if args.dry_run:
+                runs, events = await retention.count_expired(pool, days)
+                return retention.PruneResult(runs, events)
+            return await retention.prune(pool, days)
+        finally:
+            await pool.close()
+
+    try:
+        result = asyncio.run(prune())
+    except (OSError, asyncpg.PostgresError) as exc:
+        print(f"prune failed: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        stop_db()
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"{verb} {result.runs} runs and {result.events} events finished more than "
+          f"{days:g} days ago")
+    if result.busy:
+        print("stopped early: another process is pruning (run again later)", file=sys.stderr)
+        return 3
     return 0
 
 

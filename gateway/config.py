@@ -71,6 +71,7 @@ class Settings:
     event_batch_max: int = 2000
     event_queue_max: int = 20_000
     subscriber_buffer: int = 1000
+    retention_days: float = 30.0  # 0: keep every run
     # Handed to us by systemd; read here so no other module touches the environment.
     notify_socket: str | None = None
     watchdog_usec: str | None = None
@@ -137,6 +138,13 @@ def _non_negative_float(value: str) -> float:
     number = float(value)
     if not number >= 0 or number == float("inf"):
         raise ValueError("must be a number of seconds, 0 or more")
+    return number
+
+
+def _retention_days(value: str) -> float:
+    number = float(value)
+    if not number >= 0 or number == float("inf"):
+        raise ValueError("must be a number of days, 0 (keep everything) or more")
     return number
 
 
@@ -241,7 +249,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("internal_tokens", "GATEWAY_INTERNAL_TOKENS", _csv,
            "comma-separated service tokens; required outside dev mode", secret=True),
     Option("heartbeat_s", "GATEWAY_HEARTBEAT_S", _positive_float,
-           "WebSocket ping interval, seconds"),
+           "WebSocket heartbeat, seconds: a peer silent to pings is dropped within 1.5 x this"),
     Option("hello_timeout_s", "GATEWAY_HELLO_TIMEOUT_S", _positive_float,
            "time allowed for device_hello, seconds"),
     Option("app_ping", "GATEWAY_APP_PING", _bool,
@@ -279,6 +287,9 @@ OPTIONS: tuple[Option, ...] = (
            "events waiting for the database before devices are paused"),
     Option("subscriber_buffer", "GATEWAY_SUBSCRIBER_BUFFER", _positive_int,
            "live events buffered per slow reader before it re-reads the database"),
+    Option("retention_days", "GATEWAY_RETENTION_DAYS", _retention_days,
+           "finished runs and their events are removed this many days after they end; "
+           "0 keeps everything"),
 )
 
 # Defaults that ``Settings`` computes rather than states.

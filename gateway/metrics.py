@@ -6,14 +6,25 @@ from typing import Any
 
 import attrs
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 
 CALL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2000, 5000)
 
 
 def _metrics_registry() -> CollectorRegistry:
-    return CollectorRegistry(auto_describe=True)
+    registry = CollectorRegistry(auto_describe=True)
+    # process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds,
+    # ...: the default registry has them, a registry of our own does not.
+    ProcessCollector(registry=registry)
+    return registry
 
 
 @attrs.define
@@ -38,7 +49,12 @@ class Metrics:
     events_stored: Counter = attrs.field(init=False)
     event_batch_size: Histogram = attrs.field(init=False)
     event_queue_depth: Gauge = attrs.field(init=False)
+    event_queue_capacity: Gauge = attrs.field(init=False)
     db_errors: Counter = attrs.field(init=False)
+    ready: Gauge = attrs.field(init=False)
+    retention_days: Gauge = attrs.field(init=False)
+    retention_removed: Counter = attrs.field(init=False)
+    retention_oldest_age: Gauge = attrs.field(init=False)
     # Labelled children cached: .labels() takes a lock and builds a key per call,
     # too much for a per-frame path.
     _frames_in_by_type: dict[str, Any] = attrs.field(init=False, factory=dict)
@@ -95,9 +111,27 @@ class Metrics:
             registry=r)
         self.event_queue_depth = Gauge(
             "gateway_event_queue_depth", "Events waiting for the database", registry=r)
+        self.event_queue_capacity = Gauge(
+            "gateway_event_queue_capacity", "GATEWAY_EVENT_QUEUE_MAX: at this depth devices "
+            "are paused", registry=r)
         self.db_errors = Counter(
             "gateway_db_errors_total", "Database operations that failed, by operation",
             ["operation"], registry=r)
+        self.ready = Gauge(
+            "gateway_ready", "1 when /readyz would answer 200 (database answers, not "
+            "draining), evaluated at each scrape", registry=r)
+        self.retention_days = Gauge(
+            "gateway_retention_days", "GATEWAY_RETENTION_DAYS in force (0: runs are kept "
+            "forever)", registry=r)
+        self.retention_removed = Counter(
+            "gateway_retention_rows_removed_total", "Rows removed by retention (background "
+            "loop of this process), by table", ["table"], registry=r)
+        self.retention_oldest_age = Gauge(
+            "gateway_retention_oldest_run_age_seconds", "Seconds since the oldest finished "
+            "run still stored ended (0: none stored); updated by each retention pass",
+            registry=r)
+        for table in ("agent_run_logs", "agent_run_events"):
+            self.retention_removed.labels(table)
 
     def frame_in(self, frame_type: str) -> None:
         child = self._frames_in_by_type.get(frame_type)

@@ -15,6 +15,7 @@ from typing import Any
 import asyncpg
 import attrs
 import orjson
+from asyncpg.pool import PoolConnectionProxy
 
 FINAL_STATUSES = frozenset({"completed", "error", "cancelled"})
 RUN_STATUSES = frozenset({"pending", "running", *FINAL_STATUSES})
@@ -430,3 +431,106 @@ async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 10) -> asy
     )
     assert pool is not None
     return pool
+
+
+# ---------------------------------------------------------------- retention
+#
+# Finished runs older than a cutoff are removed in small transactions: a few
+# thousand event rows, then the runs left without events. Every batch first
+# takes a transaction-level advisory lock, so only one gateway process prunes
+# at a time and the lock cannot outlive its transaction (or a dead process).
+
+# A connection of its own or one lent by the pool.
+Conn = asyncpg.Connection | PoolConnectionProxy
+
+# Any fixed bigint nothing else uses; the ASCII of "gwretain".
+RETENTION_LOCK_KEY = 0x6777726574616961
+TRY_RETENTION_LOCK = "SELECT pg_try_advisory_xact_lock($1)"
+
+# The oldest expired finished runs (agent_run_logs_finished_idx). SKIP LOCKED:
+# a run being read or cancelled is simply taken in a later batch.
+EXPIRED_RUNS = """
+SELECT id FROM agent_run_logs
+ WHERE status IN ('completed', 'error', 'cancelled') AND finished_at < $1
+ ORDER BY finished_at
+ LIMIT $2
+   FOR UPDATE SKIP LOCKED
+"""
+
+# At most $2 events of those runs, by the primary key (run_id, seq).
+DELETE_EXPIRED_EVENTS = """
+DELETE FROM agent_run_events AS e
+ USING (SELECT run_id, seq FROM agent_run_events
+         WHERE run_id = ANY($1::uuid[])
+         LIMIT $2) AS doomed
+ WHERE e.run_id = doomed.run_id AND e.seq = doomed.seq
+"""
+
+# Only runs with no events left: the ON DELETE CASCADE then finds nothing, so
+# it can never turn one small batch into an unbounded delete.
+DELETE_EMPTIED_RUNS = """
+DELETE FROM agent_run_logs AS r
+ WHERE r.id = ANY($1::uuid[])
+   AND NOT EXISTS (SELECT 1 FROM agent_run_events AS e WHERE e.run_id = r.id)
+"""
+
+# For --dry-run: what a prune with this cutoff would remove, counted exactly.
+COUNT_EXPIRED = """
+WITH expired AS (
+    SELECT id FROM agent_run_logs
+     WHERE status IN ('completed', 'error', 'cancelled') AND finished_at < $1
+)
+SELECT (SELECT count(*) FROM expired) AS runs,
+       (SELECT count(*) FROM agent_run_events WHERE run_id IN (SELECT id FROM expired))
+           AS events
+"""
+
+# Age of the oldest finished run still stored (NULL: none).
+OLDEST_FINISHED_AGE_S = """
+SELECT EXTRACT(EPOCH FROM now() - min(finished_at))::float8
+  FROM agent_run_logs
+ WHERE status IN ('completed', 'error', 'cancelled')
+"""
+
+
+@attrs.frozen
+class PruneBatch:
+    """What one retention transaction did; ``locked`` False: another process holds the lock."""
+
+    locked: bool
+    runs: int = 0
+    events: int = 0
+    more: bool = False
+
+
+async def prune_batch(
+    conn: Conn, cutoff: dt.datetime, *, max_runs: int, max_events: int
+) -> PruneBatch:
+    """One small retention transaction on ``conn``; see the section comment."""
+    async with conn.transaction():
+        if not await conn.fetchval(TRY_RETENTION_LOCK, RETENTION_LOCK_KEY):
+            return PruneBatch(locked=False)
+        run_ids = [row["id"] for row in await conn.fetch(EXPIRED_RUNS, cutoff, max_runs)]
+        if not run_ids:
+            return PruneBatch(locked=True)
+        events = _row_count(await conn.execute(DELETE_EXPIRED_EVENTS, run_ids, max_events))
+        runs = _row_count(await conn.execute(DELETE_EMPTIED_RUNS, run_ids))
+    return PruneBatch(locked=True, runs=runs, events=events, more=True)
+
+
+async def count_expired(conn: Conn, cutoff: dt.datetime) -> tuple[int, int]:
+    """Finished runs older than ``cutoff``, and their stored events."""
+    row = await conn.fetchrow(COUNT_EXPIRED, cutoff)
+    assert row is not None
+    return int(row["runs"]), int(row["events"])
+
+
+async def oldest_finished_age_s(conn: Conn) -> float | None:
+    """Seconds since the oldest stored finished run ended; None when there is none."""
+    value: float | None = await conn.fetchval(OLDEST_FINISHED_AGE_S)
+    return value
+
+
+def _row_count(status: str) -> int:
+    """The count of an asyncpg command status such as ``DELETE 42``."""
+    return int(status.rsplit(" ", 1)[-1])

@@ -25,27 +25,37 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-async def readyz(request: web.Request) -> web.Response:
-    """200 only while the database answers, every background loop runs, and not draining."""
-    app = request.app
+async def _readiness(app: web.Application) -> tuple[int, dict[str, object]]:
+    """What /readyz answers: 200 only while the database answers, every background
+    loop runs, and we are not draining."""
     if app[SHUTDOWN].draining:
-        return web.json_response({"status": "draining"}, status=503)
+        return 503, {"status": "draining"}
     try:
         async with asyncio.timeout(READY_DB_TIMEOUT_S):
             await app[RUNS].store.ping()
     except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         app[METRICS].db_errors.labels("readyz").inc()
-        return web.json_response(
-            {"status": "database_unavailable", "detail": type(exc).__name__}, status=503)
+        return 503, {"status": "database_unavailable", "detail": type(exc).__name__}
     down = app[TASKS].unhealthy()
     if down:
-        return web.json_response({"status": "background_task_down", "tasks": down}, status=503)
-    return web.json_response({"status": "ready", "devices": len(app[REGISTRY])})
+        return 503, {"status": "background_task_down", "tasks": down}
+    return 200, {"status": "ready", "devices": len(app[REGISTRY])}
+
+
+async def readyz(request: web.Request) -> web.Response:
+    status, body = await _readiness(request.app)
+    return web.json_response(body, status=status)
 
 
 async def metrics(request: web.Request) -> web.Response:
     exported = request.app[METRICS]
-    exported.event_queue_depth.set(request.app[EVENT_WRITER].depth)
+    writer = request.app[EVENT_WRITER]
+    exported.event_queue_depth.set(writer.depth)
+    exported.event_queue_capacity.set(writer.queue_max)
+    # The same check as /readyz, so an alert on gateway_ready == 0 fires for a
+    # process that is up (scraped) but would be taken out of the balancer.
+    status, _ = await _readiness(request.app)
+    exported.ready.set(1 if status == 200 else 0)
     return web.Response(body=exported.exposition(),
                         headers={"Content-Type": CONTENT_TYPE_LATEST})
 
