@@ -92,6 +92,11 @@ class GatewayControl:
         with self.lock:
             self.proc.kill()
 
+    def stop(self) -> None:
+        """SIGTERM: the gateway drains (closes devices with 1001) and exits."""
+        with self.lock:
+            self.proc.stop()
+
     def start(self) -> None:
         with self.lock:
             if self.proc.popen.poll() is None:
@@ -113,7 +118,7 @@ class GatewayControl:
 def serve_control(control: GatewayControl) -> ThreadingHTTPServer:
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
-            actions = {"/kill": control.kill, "/start": control.start}
+            actions = {"/kill": control.kill, "/stop": control.stop, "/start": control.start}
             action = actions.get(self.path)
             if action is None:
                 self.send_error(404)
@@ -184,6 +189,14 @@ def run_node_tests(files: Sequence[str], target: NodeTarget, *, expect_at_least:
     assert passed is not None and int(passed.group(1)) >= expect_at_least, output
     assert re.search(r"^# fail 0$", done.stdout, re.MULTILINE), output
     return output
+
+
+def test_sdk_type_declarations(js_dependencies: Path) -> None:
+    """src/index.d.ts compiles and describes the README's usage (tsc, nothing emitted)."""
+    done = subprocess.run([node(), str(js_dependencies / "typescript" / "bin" / "tsc"), "-p", "."],
+                          cwd=JS_ROOT, capture_output=True, text=True, timeout=NODE_TIMEOUT_S,
+                          check=False)
+    assert done.returncode == 0, f"tsc failed:\n{done.stdout}\n{done.stderr}"
 
 
 @pytest.mark.gateway_env({"GATEWAY_RUN_RESUME_S": "0"})

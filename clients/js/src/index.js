@@ -29,6 +29,9 @@ const DRAIN_POLL_MS = 20;
 // Never refresh a token more often than this, whatever getToken() returns.
 const MIN_REFRESH_DELAY_MS = 1000;
 
+// Finished runs whose agent_complete is kept for a resend after a reconnect.
+const COMPLETED_KEPT = 100;
+
 const OPEN = 1; // WebSocket.OPEN, the same in every implementation
 
 /** Delay before reconnect attempt `attempt` (0-based): full jitter over a capped exponential. */
@@ -168,12 +171,21 @@ export class GatewayDevice extends EventTarget {
     this._timers = new Set();
     this._calls = new Map(); // call id -> AbortController, for the current socket only
     this._runs = new Map(); // run id -> Run, across reconnects
+    // Completions sent but perhaps not processed: resent if the gateway still lists the run.
+    this._completed = new Map(); // run id -> agent_complete frame, the last COMPLETED_KEPT
     this._lastFrameAt = 0;
   }
 
   /** 'idle' | 'connecting' | 'open' | 'waiting' | 'stopped' */
   get state() {
     return this._state;
+  }
+
+  /** Events emitted by running agents and not yet confirmed (acked under event_acks, else sent). */
+  get pendingEvents() {
+    let count = 0;
+    for (const run of this._runs.values()) count += run.pending.length;
+    return count;
   }
 
   /** Start connecting (and keep reconnecting until stop() or a 4000 replacement). */
@@ -374,7 +386,10 @@ export class GatewayDevice extends EventTarget {
       this._flush(run);
     }
     for (const [runId, entry] of listed) {
-      if (!this._runs.has(runId)) {
+      if (this._completed.has(runId)) {
+        // Our agent_complete was lost with the old socket: say it again.
+        this._send(socket, this._completed.get(runId));
+      } else if (!this._runs.has(runId)) {
         // A run this device no longer has (the app restarted): end it rather than leave it running.
         this._send(socket, {
           type: 'agent_complete', run_id: runId, status: 'error',
@@ -383,7 +398,7 @@ export class GatewayDevice extends EventTarget {
         this._emit('run-lost', { runId, agentId: entry.agent_id, reason: 'unknown_to_device' });
       }
     }
-    this._emit('open', { connectionId: this.connectionId, runs: [...listed.keys()] });
+    this._emit('open', { connectionId: this.connectionId, runs: [...listed.keys()], eventAcks: this._acking });
   }
 
   _onFrame(socket, frame) {
@@ -578,6 +593,8 @@ export class GatewayDevice extends EventTarget {
   _forgetIfDone(run) {
     if (run.completionSent && run.pending.length === 0) {
       this._runs.delete(run.runId);
+      this._completed.set(run.runId, run.completion);
+      if (this._completed.size > COMPLETED_KEPT) this._completed.delete(this._completed.keys().next().value);
       this._emit('run-end', { runId: run.runId, status: run.completion.status });
     }
   }

@@ -135,7 +135,7 @@ export async function devicesOf(userId) {
   return body.devices;
 }
 
-/** Ask the pytest side to act on the gateway process: 'kill' (SIGKILL) or 'start' (same ports). */
+/** Ask the pytest side to act on the gateway process: 'kill' (SIGKILL), 'stop' (SIGTERM, drain) or 'start' (same ports). */
 export async function controlGateway(action) {
   const response = await fetch(`${env.controlUrl}/${action}`, { method: 'POST' });
   const text = await response.text();
