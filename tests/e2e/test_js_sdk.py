@@ -191,6 +191,15 @@ def run_node_tests(files: Sequence[str], target: NodeTarget, *, expect_at_least:
     return output
 
 
+def test_readme_device_example_is_the_tested_file() -> None:
+    """The README's "For device authors" example is examples/echo-device.mjs, verbatim."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    example = (JS_ROOT / "examples" / "echo-device.mjs").read_text()
+    section = readme.split("## For device authors", 1)[-1].split("\n## ", 1)[0]
+    assert f"```js\n{example}```" in section
+    assert len([line for line in example.splitlines() if line.strip()]) <= 10
+
+
 def test_sdk_type_declarations(js_dependencies: Path) -> None:
     """src/index.d.ts compiles and describes the README's usage (tsc, nothing emitted)."""
     done = subprocess.run([node(), str(js_dependencies / "typescript" / "bin" / "tsc"), "-p", "."],
