@@ -213,7 +213,7 @@ def test_sdk_against_the_real_gateway(gateway_for_node: NodeTarget) -> None:
     # GATEWAY_RUN_RESUME_S=0: runs end on disconnect (revision .4 behaviour), which
     # gateway.test.mjs expects; continuity.test.mjs covers the resuming gateway.
     run_node_tests(["test/unit.test.mjs", "test/gateway.test.mjs",
-                    "test/example.test.mjs"], gateway_for_node, expect_at_least=24)
+                    "test/example.test.mjs"], gateway_for_node, expect_at_least=25)
 
 
 def test_sdk_in_headless_chromium(gateway_for_node: NodeTarget) -> None:

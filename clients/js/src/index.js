@@ -453,6 +453,7 @@ export class GatewayDevice extends EventTarget {
     this._calls.set(id, controller);
     const progress = (value, message) => {
       if (controller.signal.aborted) throw controller.signal.reason;
+      if (this._calls.get(id) !== controller) return; // answered already: the gateway forgot the call
       const update = { type: 'tool_progress', id };
       if (typeof value === 'number' && Number.isFinite(value)) update.progress = value;
       if (typeof message === 'string') update.message = message;
@@ -537,11 +538,11 @@ export class GatewayDevice extends EventTarget {
 
   async _emitEvent(run, data) {
     if (run.controller.signal.aborted) throw run.controller.signal.reason;
+    if (data === undefined) throw new TypeError('an event must be a JSON value, not undefined');
     const seq = run.nextSeq;
     const frame = { type: 'agent_data', run_id: run.runId, data };
     if (this.eventAcks) frame.seq = seq;
     const text = JSON.stringify(frame);
-    if (text === undefined) throw new TypeError('event data must be JSON');
     if (byteLength(text) > this._maxFrameBytes) throw new RangeError(`event exceeds ${this._maxFrameBytes} bytes`);
     run.nextSeq += 1;
     run.pending.push({ seq, text });

@@ -204,6 +204,32 @@ describe('agent runs', () => {
     assert.deepEqual(errors, []);
   });
 
+  test('an event that is not JSON is refused to the agent, not sent', async () => {
+    const userId = newUser();
+    const agents = {
+      sloppy: async (input, { emit }) => {
+        await emit({ fine: true });
+        await emit(undefined);
+      },
+      cyclic: async (input, { emit }) => {
+        const value = {};
+        value.self = value;
+        await emit(value);
+      },
+    };
+    const { device, opened } = startDevice({ userId, agents });
+    await opened;
+    const errors = record(device, 'gateway-error');
+    for (const [agentId, events, message] of [['sloppy', 1, /not undefined/], ['cyclic', 0, /circular/i]]) {
+      const { body } = await api('POST', '/runs', { user_id: userId, agent_id: agentId, input: {} });
+      const run = await finishedRun(body.run_id);
+      assert.equal(run.status, 'error');
+      assert.match(run.errors[0], message);
+      assert.equal(run.event_count, events);
+    }
+    assert.deepEqual(errors, []);
+  });
+
   test('an event larger than maxFrameBytes is refused to the agent, not sent', async () => {
     const userId = newUser();
     const agents = {
