@@ -237,9 +237,8 @@ export class GatewayDevice extends EventTarget {
     try {
       socket = new this._WebSocket(target.toString());
     } catch (error) {
-      this._emit('token-error', { error });
-      this._failuresBeforeOpen += 1;
-      this._scheduleReconnect();
+      // A URL or policy the WebSocket constructor refuses: a failure before open like any other.
+      this._onClose(1006, errorMessage(error), false);
       return;
     }
     this._socket = socket;
