@@ -23,7 +23,7 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, StreamResponse
 from yarl import URL
 
-from gateway.http.proxies import request_client_address
+from gateway.proxies import request_client_address
 
 SECRET_KEYS = frozenset({
     "token", "access_token", "id_token", "refresh_token", "jwt", "secret", "password",

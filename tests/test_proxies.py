@@ -19,7 +19,7 @@ from multidict import CIMultiDict
 from test_ops import access_log_at_info, access_logged_client, logged
 
 from gateway.config import ConfigError, IPNetwork, load_settings
-from gateway.http.proxies import forwarded_client, forwarded_for, parse_address, x_forwarded_for
+from gateway.proxies import forwarded_client, forwarded_for, parse_address, x_forwarded_for
 
 __all__ = ["access_log_at_info"]  # a fixture, used by name
 

@@ -16,8 +16,8 @@ from gateway.device.handlers import DeviceContext, dispatch, refuse
 from gateway.device.outbox import MIN_QUEUED_BYTES
 from gateway.device.registry import REGISTRY
 from gateway.device.sockets import DEVICE_SOCKETS
-from gateway.http.proxies import client_address
 from gateway.metrics import METRICS, Metrics
+from gateway.proxies import client_address
 from gateway.runs.lifecycle import RUNS, Gone
 from gateway.shutdown import SHUTDOWN
 from gateway.wire import codes, frames, messages
