@@ -53,6 +53,7 @@ class Settings:
     heartbeat_s: float = 30.0
     hello_timeout_s: float = 15.0
     app_ping: bool = True
+    ws_compress: bool = False
     max_frame_bytes: int = 4 * 1024 * 1024
     max_inflight_calls_per_device: int = 64
     max_devices_per_user: int = 32
@@ -254,6 +255,9 @@ OPTIONS: tuple[Option, ...] = (
            "time allowed for device_hello, seconds"),
     Option("app_ping", "GATEWAY_APP_PING", _bool,
            "send legacy {type: ping} frames every heartbeat"),
+    Option("ws_compress", "GATEWAY_WS_COMPRESS", _bool,
+           "negotiate permessage-deflate (costs ~100 KB per device); the frame limit "
+           "then applies to the inflated message"),
     Option("max_frame_bytes", "GATEWAY_MAX_FRAME_BYTES", _positive_int,
            "largest frame accepted, bytes"),
     Option("max_inflight_calls_per_device", "GATEWAY_MAX_INFLIGHT_CALLS_PER_DEVICE",

@@ -87,6 +87,9 @@ async def device_ws(request: web.Request) -> web.StreamResponse:
     ws = web.WebSocketResponse(
         heartbeat=aiohttp_heartbeat(settings.heartbeat_s), autoping=True,
         max_msg_size=settings.max_frame_bytes, timeout=CLOSE_TIMEOUT_S, decode_text=False,
+        # Off by default (PROTOCOL §4): a deflate context costs ~100 KB per device.
+        # When on, aiohttp checks max_msg_size against the inflated message.
+        compress=settings.ws_compress,
     )
     if not ws.can_prepare(request).ok:
         return _refuse_handshake(metrics, 400, codes.BAD_REQUEST,
