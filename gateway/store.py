@@ -56,21 +56,30 @@ UPDATE agent_run_logs
 RETURNING id
 """
 
-# A hello: the device's detached runs still inside their window are attached
-# to it, on whichever process it reached. Row locks order it against expiry
-# and cancel: whichever commits first wins, the other sees the new row.
-RESUME_RUNS = f"""
-WITH detached AS (
-    SELECT id, detached_at FROM agent_run_logs
-     WHERE user_id = $1 AND device_id = $2 AND status = 'running'
-       AND detached_at IS NOT NULL AND detached_at > now() - make_interval(secs => $4)
-       FOR UPDATE
+# Hellos: the devices' detached runs still inside their window are attached to
+# them, on whichever process they reached. Row locks order it against expiry
+# and cancel: whichever commits first wins, the other sees the new row. One
+# statement for a batch of hellos ($1 their positions, $2 users, $3 devices),
+# so a reconnect storm costs one round trip per batch, not per device. Rows are
+# locked in id order, so two batches touching the same runs cannot deadlock.
+RESUME_RUNS_BATCH = f"""
+WITH wanted AS (
+    SELECT * FROM unnest($1::int[], $2::text[], $3::text[]) AS w(ord, user_id, device_id)
+), detached AS (
+    SELECT r.id, r.detached_at, w.ord FROM wanted AS w
+      JOIN agent_run_logs AS r ON r.user_id = w.user_id AND r.device_id = w.device_id
+     WHERE r.status = 'running' AND r.detached_at IS NOT NULL
+       AND r.detached_at > now() - make_interval(secs => $5)
+     ORDER BY r.id
+       FOR UPDATE OF r
+), one AS (
+    SELECT DISTINCT ON (id) id, detached_at, ord FROM detached ORDER BY id, ord
 )
 UPDATE agent_run_logs AS r
-   SET detached_at = NULL, detach_reason = NULL, gateway_instance = $3, updated_at = now()
-  FROM detached
- WHERE r.id = detached.id
-RETURNING {_run_columns("r")}, detached.detached_at AS was_detached_at
+   SET detached_at = NULL, detach_reason = NULL, gateway_instance = $4, updated_at = now()
+  FROM one
+ WHERE r.id = one.id
+RETURNING {_run_columns("r")}, one.detached_at AS was_detached_at, one.ord AS ord
 """
 
 # Detached runs whose window passed: errors, with the reason they were detached.
@@ -107,19 +116,29 @@ UPDATE agent_run_logs
 RETURNING {RUN_COLUMNS}
 """
 
-# §3.3: claim a device's due pending runs. SKIP LOCKED keeps two gateway
-# processes from ever dispatching the same run.
-CLAIM_PENDING_RUNS = f"""
-UPDATE agent_run_logs
-   SET status = 'running', device_id = $2, gateway_instance = $4,
+# §3.3: claim the due pending runs of a batch of hellos: one row per (hello,
+# agent) in $1 (the hello's position), $2 users, $3 devices, $4 agents. SKIP
+# LOCKED keeps two gateway processes from ever dispatching the same run; a run
+# two hellos of the batch could take goes to the earlier one, as one by one.
+CLAIM_PENDING_RUNS_BATCH = f"""
+WITH wanted AS (
+    SELECT * FROM unnest($1::int[], $2::text[], $3::text[], $4::text[])
+                  AS w(ord, user_id, device_id, agent_id)
+), candidates AS (
+    SELECT r.id, w.ord, w.device_id FROM wanted AS w
+      JOIN agent_run_logs AS r ON r.user_id = w.user_id AND r.agent_id = w.agent_id
+     WHERE r.status = 'pending' AND (r.device_id IS NULL OR r.device_id = w.device_id)
+       AND r.scheduled_at <= now()
+       FOR UPDATE OF r SKIP LOCKED
+), one AS (
+    SELECT DISTINCT ON (id) id, ord, device_id FROM candidates ORDER BY id, ord
+)
+UPDATE agent_run_logs AS r
+   SET status = 'running', device_id = one.device_id, gateway_instance = $5,
        started_at = now(), updated_at = now()
- WHERE id IN (
-        SELECT id FROM agent_run_logs
-         WHERE status = 'pending' AND user_id = $1 AND agent_id = ANY($3::text[])
-           AND (device_id IS NULL OR device_id = $2) AND scheduled_at <= now()
-         ORDER BY scheduled_at, created_at
-           FOR UPDATE SKIP LOCKED)
-RETURNING {RUN_COLUMNS}
+  FROM one
+ WHERE r.id = one.id
+RETURNING {_run_columns("r")}, one.ord AS ord
 """
 
 # The scheduler's window: pending runs that fell due in (after, until].
@@ -312,8 +331,25 @@ class Store:
     ) -> list[tuple[RunRecord, dt.datetime]]:
         """The device's runs detached within ``window_s``, attached again; with when they
         had been detached."""
-        rows = await self.pool.fetch(RESUME_RUNS, user_id, device_id, instance_id, window_s)
-        return [(RunRecord.of(row), row["was_detached_at"]) for row in rows]
+        (resumed,) = await self.resume_runs_batch([(user_id, device_id)],
+                                                  instance_id=instance_id, window_s=window_s)
+        return resumed
+
+    async def resume_runs_batch(
+        self, devices: Sequence[tuple[str, str]], *, instance_id: str, window_s: float
+    ) -> list[list[tuple[RunRecord, dt.datetime]]]:
+        """``resume_runs`` for many (user_id, device_id) at once; results in their order."""
+        out: list[list[tuple[RunRecord, dt.datetime]]] = [[] for _ in devices]
+        if not devices:
+            return out
+        rows = await self.pool.fetch(
+            RESUME_RUNS_BATCH, list(range(len(devices))), [u for u, _ in devices],
+            [d for _, d in devices], instance_id, window_s)
+        for row in rows:
+            out[row["ord"]].append((RunRecord.of(row), row["was_detached_at"]))
+        for records in out:
+            records.sort(key=lambda pair: pair[0].started_at or pair[0].created_at)
+        return out
 
     async def expire_detached_runs(self, window_s: float) -> list[tuple[uuid.UUID, str]]:
         rows = await self.pool.fetch(EXPIRE_DETACHED_RUNS, window_s)
@@ -343,14 +379,28 @@ class Store:
     async def claim_pending_runs(
         self, *, user_id: str, device_id: str, agent_ids: Sequence[str], instance_id: str
     ) -> list[RunRecord]:
-        if not agent_ids:
-            return []
-        rows = await self.pool.fetch(
-            CLAIM_PENDING_RUNS, user_id, device_id, list(agent_ids), instance_id
-        )
-        records = [RunRecord.of(row) for row in rows]
-        records.sort(key=lambda r: (r.scheduled_at, r.created_at))
-        return records
+        (claimed,) = await self.claim_pending_runs_batch([(user_id, device_id, agent_ids)],
+                                                         instance_id=instance_id)
+        return claimed
+
+    async def claim_pending_runs_batch(
+        self, hellos: Sequence[tuple[str, str, Sequence[str]]], *, instance_id: str
+    ) -> list[list[RunRecord]]:
+        """``claim_pending_runs`` for many (user_id, device_id, agent_ids) at once."""
+        out: list[list[RunRecord]] = [[] for _ in hellos]
+        flat = [(i, user_id, device_id, agent_id)
+                for i, (user_id, device_id, agent_ids) in enumerate(hellos)
+                for agent_id in dict.fromkeys(agent_ids)]
+        if not flat:
+            return out
+        ords, users, devices, agents = (list(column) for column in zip(*flat, strict=True))
+        rows = await self.pool.fetch(CLAIM_PENDING_RUNS_BATCH, ords, users, devices, agents,
+                                     instance_id)
+        for row in rows:
+            out[row["ord"]].append(RunRecord.of(row))
+        for records in out:
+            records.sort(key=lambda r: (r.scheduled_at, r.created_at))
+        return out
 
     async def pending_due_between(
         self, after: dt.datetime, until: dt.datetime

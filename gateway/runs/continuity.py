@@ -27,6 +27,7 @@ import attrs
 import structlog
 
 from gateway.metrics import Metrics
+from gateway.runs.coalesce import Coalescer
 from gateway.runs.live import LiveEvents
 from gateway.runs.tracking import ActiveRun, RunTarget, Tracking
 from gateway.store import Store
@@ -53,6 +54,11 @@ class Continuity:
     instance_id: str
     resume_s: float
     _turns: dict[tuple[str, str], _Turn] = attrs.Factory(dict)
+    # The hellos of one moment resume their runs in one round trip.
+    _resumes: Coalescer[RunTarget, list[ActiveRun]] = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._resumes = Coalescer(self._resume_batch)
 
     @property
     def enabled(self) -> bool:
@@ -126,22 +132,29 @@ class Continuity:
         """The device's detached runs, still in their window, attached to ``target``."""
         if not self.enabled:
             return []
-        records = await self.store.resume_runs(
-            user_id=target.user_id, device_id=target.device_id,
+        return await self._resumes.submit(target)
+
+    async def _resume_batch(self, targets: Sequence[RunTarget]) -> list[list[ActiveRun]]:
+        batch = await self.store.resume_runs_batch(
+            [(t.user_id, t.device_id) for t in targets],
             instance_id=self.instance_id, window_s=self.resume_s)
-        resumed = []
         now = dt.datetime.now(dt.UTC)
-        for record, detached_at in records:
-            # Its device already has it: no agent_run again (announced).
-            active = ActiveRun(record.id, record.agent_id, target, record.event_count,
-                               record.event_count, announced=True)
-            self.tracking.add(active)
-            resumed.append(active)
-            self.metrics.runs_resumed.labels("hello").inc()
-            log.info("run_resumed", run_id=str(record.id), last_seq=record.event_count,
-                     connection_id=target.connection_id,
-                     detached_for_s=round((now - detached_at).total_seconds(), 3))
-        return resumed
+        out = []
+        for target, records in zip(targets, batch, strict=True):
+            resumed = []
+            for record, detached_at in records:
+                # Its device already has it: no agent_run again (announced).
+                active = ActiveRun(record.id, record.agent_id, target, record.event_count,
+                                   record.event_count, announced=True)
+                self.tracking.add(active)
+                resumed.append(active)
+                self.metrics.runs_resumed.labels("hello").inc()
+                log.info("run_resumed", run_id=str(record.id), last_seq=record.event_count,
+                         connection_id=target.connection_id, user_id=target.user_id,
+                         device_id=target.device_id,
+                         detached_for_s=round((now - detached_at).total_seconds(), 3))
+            out.append(resumed)
+        return out
 
     # ------------------------------------------------------------ the window passed
 

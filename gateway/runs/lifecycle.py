@@ -23,6 +23,7 @@ import structlog
 from aiohttp import web
 
 from gateway.metrics import Metrics
+from gateway.runs.coalesce import Coalescer
 from gateway.runs.continuity import Continuity
 from gateway.runs.events import EventWriter
 from gateway.runs.live import LiveEvents
@@ -79,9 +80,13 @@ class Runs:
     tracking: Tracking
     # Set when a run is created for later: the scheduler looks again.
     scheduler_wake: asyncio.Event = attrs.Factory(asyncio.Event)
+    # The hellos of one moment claim their pending runs in one round trip.
+    _claims: Coalescer[tuple[RunTarget, Sequence[str]], list[RunRecord]] = attrs.field(
+        init=False)
 
     def __attrs_post_init__(self) -> None:
         self.writer.on_commit = self._stored
+        self._claims = Coalescer(self._claim_batch)
 
     # ------------------------------------------------------------ start-up
 
@@ -131,16 +136,28 @@ class Runs:
     async def claim_for(self, target: RunTarget, agent_ids: Sequence[str]) -> list[RunRecord]:
         """On hello, before its ack: claim the device's due pending runs (§3.3).
 
-        The caller sends hello_ack and then ``send_claimed``.
+        The caller sends hello_ack and then ``send_claimed``. Hellos arriving
+        together share one query (``Coalescer``); the batch also tracks what it
+        claimed, so a hello cancelled meanwhile leaves nothing untracked.
         """
-        records = await self.store.claim_pending_runs(
-            user_id=target.user_id, device_id=target.device_id, agent_ids=agent_ids,
+        if not agent_ids:
+            return []
+        return await self._claims.submit((target, agent_ids))
+
+    async def _claim_batch(
+        self, hellos: Sequence[tuple[RunTarget, Sequence[str]]]
+    ) -> list[list[RunRecord]]:
+        batch = await self.store.claim_pending_runs_batch(
+            [(target.user_id, target.device_id, agent_ids) for target, agent_ids in hellos],
             instance_id=self.instance_id)
-        claimed = []
-        for record in records:
-            if await self._activate(record, target, send=False):
-                claimed.append(record)
-        return claimed
+        out = []
+        for (target, _), records in zip(hellos, batch, strict=True):
+            claimed = []
+            for record in records:
+                if await self._activate(record, target, send=False):
+                    claimed.append(record)
+            out.append(claimed)
+        return out
 
     def send_claimed(self, target: RunTarget, records: Sequence[RunRecord]) -> None:
         for record in records:
