@@ -52,12 +52,15 @@ class State:
 
 
 STATE = web.AppKey("state", State)
+# Mirrors GATEWAY_WS_COMPRESS (off by default): whether permessage-deflate is negotiated.
+COMPRESS = web.AppKey("compress", bool)
 
 
 async def device_ws(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     ws = web.WebSocketResponse(heartbeat=HEARTBEAT_S, autoping=True,
-                               max_msg_size=MAX_FRAME_BYTES, decode_text=False)
+                               max_msg_size=MAX_FRAME_BYTES, decode_text=False,
+                               compress=request.app[COMPRESS])
     await ws.prepare(request)
     try:
         msg = await ws.receive(timeout=HELLO_TIMEOUT_S)
@@ -139,9 +142,10 @@ async def healthz(request: web.Request) -> web.Response:
     return web.Response(text="ok")
 
 
-def build_app() -> web.Application:
+def build_app(*, compress: bool = False) -> web.Application:
     app = web.Application()
     app[STATE] = State()
+    app[COMPRESS] = compress
     app.router.add_get("/api/v1/ws/device", device_ws)
     app.router.add_post("/internal/v1/tool-calls", tool_call)
     app.router.add_get("/internal/v1/devices", devices)
@@ -152,6 +156,8 @@ def build_app() -> web.Application:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--compress", action="store_true",
+                        help="negotiate permessage-deflate (like GATEWAY_WS_COMPRESS=true)")
     args = parser.parse_args()
     raise_nofile_limit()
     loop_factory = None
@@ -160,11 +166,11 @@ def main() -> None:
 
         loop_factory = uvloop.new_event_loop
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(_serve(args.port))
+        runner.run(_serve(args.port, args.compress))
 
 
-async def _serve(port: int) -> None:
-    runner = web.AppRunner(build_app(), access_log=None, handle_signals=False,
+async def _serve(port: int, compress: bool) -> None:
+    runner = web.AppRunner(build_app(compress=compress), access_log=None, handle_signals=False,
                            shutdown_timeout=2.0)
     await runner.setup()
     await web.TCPSite(runner, LOOPBACK, port).start()

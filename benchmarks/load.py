@@ -17,10 +17,14 @@ import array
 import asyncio
 import contextlib
 import os
+import shutil
+import subprocess
+import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Coroutine
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -469,3 +473,54 @@ async def ingest_main(pipe: Connection, cfg: dict[str, Any]) -> None:
 
 def ingest_worker(pipe: Connection, cfg: dict[str, Any]) -> None:
     run_worker(ingest_main, pipe, cfg)
+
+
+# ---------------------------------------------------------------- Node `ws` devices
+
+NODE_SCRIPT = Path(__file__).with_name("node") / "devices.cjs"
+
+
+def node_available() -> bool:
+    """Node 20+ and the `ws` package (clients/js/node_modules, or BENCH_WS_MODULE)."""
+    ws_module = os.environ.get("BENCH_WS_MODULE") or str(
+        Path(__file__).resolve().parents[1] / "clients" / "js" / "node_modules" / "ws")
+    return shutil.which("node") is not None and Path(ws_module).exists()
+
+
+def node_worker(pipe: Connection, cfg: dict[str, Any]) -> None:
+    """Relay between the driver's pipe and ``node devices.cjs`` (one JSON line each way).
+
+    The devices are Node's `ws` clients, offering permessage-deflate as real
+    Electron main processes do; this process only passes messages along.
+    """
+    raise_nofile_limit()  # node inherits it
+    check_loopback(cfg["ws_url"])
+    proc = subprocess.Popen(["node", str(NODE_SCRIPT)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, bufsize=1)
+    assert proc.stdin is not None and proc.stdout is not None
+    stdout = proc.stdout
+
+    def relay_out() -> None:
+        for line in stdout:
+            message = orjson.loads(line)
+            ((kind, value),) = message.items()
+            with contextlib.suppress(OSError):
+                pipe.send((kind, value))
+
+    relay = threading.Thread(target=relay_out, daemon=True)
+    relay.start()
+    try:
+        proc.stdin.write(orjson.dumps(cfg).decode() + "\n")
+        deadline = time.monotonic() + cfg.get("max_s", 600)
+        while proc.poll() is None and time.monotonic() < deadline:
+            if pipe.poll(0.2):
+                command = pipe.recv()
+                word = command if isinstance(command, str) else command[0]
+                proc.stdin.write(f"{word}\n")
+        proc.wait(max(0.0, deadline - time.monotonic()))
+        relay.join(5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        pipe.close()

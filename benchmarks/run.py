@@ -3,6 +3,8 @@
 Scenarios (each prints ONE JSON line on stdout; progress goes to stderr)::
 
     idle N          N devices connect, say hello and stay idle
+    storm N         N devices connect at once (a reconnect storm): time until all acked
+    fleet N         N idle devices held a minute, heartbeats on, tool calls to one more
     calls C S       C concurrent callers for S seconds, through one device (echo)
     ingest K M B    K devices stream M agent_data events of ~B bytes each
     cleanup         a device with pending calls closes / is killed
@@ -34,7 +36,7 @@ from typing import Any
 import orjson
 import structlog
 
-from benchmarks import scenarios
+from benchmarks import load, scenarios
 from benchmarks.profile import Profiler, summarize
 from benchmarks.scenarios import Context
 from benchmarks.servers import (
@@ -54,10 +56,15 @@ EVENTS_MIN_PER_S = 50_000
 IDLE_MAX_KB = 20.0
 IDLE_MAX_RATIO = 1.3
 CLEANUP_MAX_MS = 1000.0
+STORM_MAX_RATIO = 1.3
+FLEET_MAX_KB = 18.0
+FLEET_MAX_HOLD_CPU_PCT = 5.0
 # Key figures repeated per run in the line, next to the medians.
 RUN_KEYS = ("throughput", "p50_ms", "p99_ms", "max_ms", "kb_per_conn", "server_cpu_pct",
             "generator_cores", "machine_busy_cores", "close_presence_ms_max",
-            "close_calls_ms_max", "kill_presence_ms_max", "kill_calls_ms_max")
+            "close_calls_ms_max", "kill_presence_ms_max", "kill_calls_ms_max",
+            "connect_s", "hold_server_cpu_pct", "probe_p50_ms", "probe_p99_ms",
+            "deflate_negotiated")
 
 Measure = Callable[[Context], Awaitable[dict[str, Any]]]
 
@@ -141,6 +148,23 @@ def judge(name: str, params: dict[str, Any], line: dict[str, Any],
                 "met": None if ratio["kb_per_conn"] is None else (
                     gw["kb_per_conn"] <= IDLE_MAX_KB and ratio["kb_per_conn"] <= IDLE_MAX_RATIO
                     and held)}
+    elif name == "storm":
+        ratio = {"connect_s": _ratio(gw["connect_s"], ce["connect_s"]) if ce else None}
+        held = all(r["connections"] == params["n"] for r in results["gateway"])
+        goal = {"connect_s": gw["connect_s"], "vs_ceiling": ratio["connect_s"],
+                "vs_ceiling_max": STORM_MAX_RATIO, "all_acked": held,
+                "met": None if ratio["connect_s"] is None else (
+                    ratio["connect_s"] <= STORM_MAX_RATIO and held)}
+    elif name == "fleet":
+        ratio = {"kb_per_conn": _ratio(gw["kb_per_conn"], ce["kb_per_conn"]) if ce else None}
+        held = all(r["connections"] == params["n"] and r["unexpected_closes"] == 0
+                   for r in results["gateway"])
+        goal = {"kb_per_conn": gw["kb_per_conn"], "kb_per_conn_max": FLEET_MAX_KB,
+                "hold_cpu_pct": gw["hold_server_cpu_pct"],
+                "hold_cpu_pct_max": FLEET_MAX_HOLD_CPU_PCT, "all_held": held,
+                "probe_p50_ms": gw.get("probe_p50_ms"), "probe_p99_ms": gw.get("probe_p99_ms"),
+                "met": gw["kb_per_conn"] <= FLEET_MAX_KB and held
+                and gw["hold_server_cpu_pct"] <= FLEET_MAX_HOLD_CPU_PCT}
     elif name == "cleanup":
         runs = results["gateway"]
         worst = {k: _worst(runs, k) for k in ("close_presence_ms_max", "close_calls_ms_max",
@@ -193,7 +217,8 @@ def run_scenario(name: str, params: dict[str, Any], measure: Measure,
                     server = start_gateway(db, run_dir, extra_env=extra_env,
                                            root=opts.gateway_root)
                 else:
-                    server = start_ceiling(run_dir)
+                    server = start_ceiling(run_dir, compress=_env_true(
+                        extra_env.get("GATEWAY_WS_COMPRESS", "false")))
                 profile_path = None
                 if opts.profile:
                     opts.profile.mkdir(parents=True, exist_ok=True)
@@ -233,12 +258,27 @@ def run_scenario(name: str, params: dict[str, Any], measure: Measure,
     return line
 
 
+def _env_true(value: str) -> bool:
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
 def scenario_measure(name: str, params: dict[str, Any], opts: argparse.Namespace) -> Measure:
+    client = opts.client
     if name == "idle":
         return lambda ctx: scenarios.idle(ctx, params["n"], hold_s=opts.hold,
-                                          concurrency=opts.concurrency)
+                                          concurrency=opts.concurrency, client=client)
+    if name == "storm":
+        # Everyone at once: as many connects in flight as there are devices.
+        return lambda ctx: scenarios.idle(ctx, params["n"], hold_s=1.0,
+                                          concurrency=max(1, params["n"] // ctx.procs),
+                                          client=client)
+    if name == "fleet":
+        return lambda ctx: scenarios.idle(ctx, params["n"], hold_s=opts.fleet_hold,
+                                          concurrency=opts.concurrency, client=client,
+                                          probe_calls=opts.probe_calls)
     if name == "calls":
-        return lambda ctx: scenarios.calls(ctx, params["c"], params["s"], warmup_s=opts.warmup)
+        return lambda ctx: scenarios.calls(ctx, params["c"], params["s"], warmup_s=opts.warmup,
+                                           client=client)
     if name == "ingest":
         return lambda ctx: scenarios.ingest(ctx, params["k"], params["m"], params["b"],
                                             warmup_events=opts.ingest_warmup)
@@ -254,8 +294,10 @@ def _emit(line: dict[str, Any]) -> None:
 def _summary_row(line: dict[str, Any]) -> dict[str, Any]:
     gw, ce = line.get("gateway") or {}, line.get("ceiling") or {}
     name = line["scenario"]
-    key = "kb_per_conn" if name == "idle" else "max_ms" if name == "cleanup" else "throughput"
+    key = {"idle": "kb_per_conn", "fleet": "kb_per_conn", "storm": "connect_s",
+           "cleanup": "max_ms"}.get(name, "throughput")
     return {"scenario": name, "params": line["params"], "figure": key,
+            "client": gw.get("client") or ce.get("client"),
             "gateway": gw.get(key), "ceiling": ce.get(key),
             "ratio": (line.get("ratio") or {}).get(key), "goal": line.get("goal")}
 
@@ -269,17 +311,19 @@ def _table(rows: list[dict[str, Any]]) -> str:
         detail = {k: v for k, v in goal.items() if k != "met"}
         out.append(f"{(row['scenario'] + ' ' + params):<22}{row['figure']:<13}"
                    f"{row['gateway']!s:>12}{row['ceiling']!s:>12}{row['ratio']!s:>8}  "
-                   f"{met} {orjson.dumps(detail).decode()}")
+                   f"{met} {orjson.dumps(detail).decode()}"
+                   + (f"  [client: {row['client']}]" if row.get("client") else ""))
     return "\n".join(out)
 
 
 COMPARE_FULL: list[tuple[str, dict[str, Any]]] = [
-    ("idle", {"n": 1000}), ("idle", {"n": 10_000}), ("calls", {"c": 32, "s": 10.0}),
+    ("idle", {"n": 1000}), ("idle", {"n": 10_000}), ("storm", {"n": 10_000}),
+    ("fleet", {"n": 19_500}), ("calls", {"c": 32, "s": 10.0}),
     ("ingest", {"k": 10, "m": 5000, "b": 200}), ("cleanup", {}),
 ]
 COMPARE_QUICK: list[tuple[str, dict[str, Any]]] = [
-    ("idle", {"n": 20}), ("calls", {"c": 4, "s": 1.0}), ("ingest", {"k": 2, "m": 50, "b": 200}),
-    ("cleanup", {}),
+    ("idle", {"n": 20}), ("storm", {"n": 40}), ("fleet", {"n": 20}),
+    ("calls", {"c": 4, "s": 1.0}), ("ingest", {"k": 2, "m": 50, "b": 200}), ("cleanup", {}),
 ]
 
 
@@ -313,11 +357,25 @@ def build_parser() -> argparse.ArgumentParser:
                         help="ingest: events per device in a warm-up round before the measured "
                              "one (200; 0: none, a cold process)")
     common.add_argument("--trials", type=int, default=5, help="cleanup: trials per mode (5)")
+    common.add_argument("--client", choices=scenarios.CLIENTS, default=None,
+                        help="idle, storm, fleet and calls devices: python (aiohttp, offers "
+                             "no deflate) or node (Node ws, offers permessage-deflate like "
+                             "real devices; default when node and clients/js/node_modules "
+                             "are there)")
+    common.add_argument("--fleet-hold", type=float, default=60.0,
+                        help="fleet: seconds held (60)")
+    common.add_argument("--probe-calls", type=int, default=60,
+                        help="fleet: tool calls to one more device during the hold (60)")
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="scenario", required=True)
     idle = sub.add_parser("idle", parents=[common], help="N idle devices")
     idle.add_argument("n", type=int)
+    storm = sub.add_parser("storm", parents=[common], help="N devices connect at once")
+    storm.add_argument("n", type=int)
+    fleet = sub.add_parser("fleet", parents=[common],
+                           help="N idle devices held a minute, with tool calls to one more")
+    fleet.add_argument("n", type=int)
     calls = sub.add_parser("calls", parents=[common], help="C callers for S seconds")
     calls.add_argument("c", type=int)
     calls.add_argument("s", type=float)
@@ -352,9 +410,14 @@ def main(argv: list[str] | None = None) -> int:
     if compare:
         plan = COMPARE_QUICK if opts.quick else COMPARE_FULL
     else:
-        keys = {"idle": ("n",), "calls": ("c", "s"), "ingest": ("k", "m", "b"), "cleanup": ()}
+        keys = {"idle": ("n",), "storm": ("n",), "fleet": ("n",), "calls": ("c", "s"),
+                "ingest": ("k", "m", "b"), "cleanup": ()}
         plan = [(opts.scenario, {k: getattr(opts, k) for k in keys[opts.scenario]})]
-    if opts.scenario == "idle" and opts.n + 200 > nofile:
+    if opts.client is None:
+        opts.client = "node" if load.node_available() else "python"
+        if opts.client == "python":
+            log("node or clients/js/node_modules/ws not found: devices are aiohttp clients")
+    if opts.scenario in ("idle", "storm", "fleet") and opts.n + 200 > nofile:
         log(f"warning: RLIMIT_NOFILE is {nofile}; {opts.n} devices may not fit")
     db = Database.open(opts.database_url, tmp_root=opts.pg_tmp_root) \
         if opts.target != "ceiling" else None

@@ -31,6 +31,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 import orjson
+import psutil
 
 from benchmarks import load
 from benchmarks.profile import Profiler
@@ -63,7 +64,12 @@ class Context:
         return proc, parent
 
     def worker_pids(self) -> list[int]:
-        return [p.pid for p, _ in self.workers if p.pid is not None]
+        """The workers and their children (the Node processes some of them run)."""
+        pids = [p.pid for p, _ in self.workers if p.pid is not None]
+        for pid in list(pids):
+            with contextlib.suppress(psutil.Error):
+                pids.extend(c.pid for c in psutil.Process(pid).children(recursive=True))
+        return pids
 
     def window(self) -> CpuWindow:
         db = self.db
@@ -149,9 +155,23 @@ async def warm_up_devices(server: Server, tag: str, mint: load.TokenMinter) -> N
     await asyncio.sleep(1.0)
 
 
-async def idle(ctx: Context, n: int, *, hold_s: float = 5.0, concurrency: int = 32
-               ) -> dict[str, Any]:
-    """N devices connect and say hello, then stay idle: memory per connection and CPU."""
+CLIENTS = ("python", "node")
+
+
+def _client_label(client: str) -> str:
+    """What the figures were measured with (README and compare name it)."""
+    return {"python": "aiohttp (no deflate offered)",
+            "node": "Node ws (offers permessage-deflate)"}[client]
+
+
+async def idle(ctx: Context, n: int, *, hold_s: float = 5.0, concurrency: int = 32,
+               client: str = "python", probe_calls: int = 0) -> dict[str, Any]:
+    """N devices connect and say hello, then stay idle: memory per connection and CPU.
+
+    ``client``: "python" (aiohttp workers) or "node" (Node's `ws`, offering
+    deflate, as real devices do). ``probe_calls``: during the hold, that many
+    sequential tool calls to one more device, while the N idle (latency).
+    """
     server = ctx.server
     tag = f"idle{server.public_port}"
     mint = load.TokenMinter(server.jwt_secret)
@@ -159,12 +179,14 @@ async def idle(ctx: Context, n: int, *, hold_s: float = 5.0, concurrency: int = 
     rss_baseline = rss_bytes(server.pid)
 
     ranges = split(n, ctx.procs)
-    pipes = [ctx.spawn(load.idle_worker, {
+    worker = load.node_worker if client == "node" else load.idle_worker
+    pipes = [ctx.spawn(worker, {
         "ws_url": server.ws_url, "jwt_secret": server.jwt_secret, "tag": tag,
         "indices": r, "devices_per_user": 16, "concurrency": concurrency,
         # Like the simulator's default: one agent advertised, so each hello claims runs.
         "agent_ids": ["stream"],
-        "connect_timeout_s": 60 + n / 50, "hold_timeout_s": 300 + n / 50,
+        "connect_timeout_s": 60 + n / 50, "hold_timeout_s": 300 + n / 50 + hold_s,
+        "max_s": 600 + n / 50 + hold_s,
     })[1] for r in ranges]
     for pipe in pipes:
         await expect(pipe, "ready", 60)
@@ -179,11 +201,27 @@ async def idle(ctx: Context, n: int, *, hold_s: float = 5.0, concurrency: int = 
     ramp_s = max(r["finished"] for r in reports) - min(r["started"] for r in reports)
 
     await asyncio.sleep(min(2.0, hold_s))  # let the dust of the ramp settle
+    probe_latencies: list[float] = []
+    probe_errors: list[str] = []
+    probe_device = None
+    if probe_calls:
+        _, probe_device = ctx.spawn(load.device_worker, {
+            "ws_url": server.ws_url, "jwt_secret": server.jwt_secret,
+            "user_id": f"{tag}-probe-u", "device_id": f"{tag}-probe-d",
+            "max_s": hold_s + 300})
+        await expect(probe_device, "ready", 60)
     hold = ctx.window()
     hold.start()
-    await asyncio.sleep(hold_s)
+    if probe_calls:
+        await _probe(server, f"{tag}-probe-u", f"{tag}-probe-d", probe_calls, hold_s,
+                     probe_latencies, probe_errors)
+    else:
+        await asyncio.sleep(hold_s)
     held = hold.stop()
     rss_loaded = rss_bytes(server.pid)
+    if probe_device is not None:
+        probe_device.send(("stop",))
+        await expect(probe_device, "done", 30)
 
     for pipe in pipes:
         pipe.send("stop")
@@ -202,21 +240,52 @@ async def idle(ctx: Context, n: int, *, hold_s: float = 5.0, concurrency: int = 
         "server_rss_mb": round(rss_loaded / MB, 1),
         "kb_per_conn": round((rss_loaded - rss_baseline) / 1024 / max(connected, 1), 2),
         **cpu_figures(ramp, ctx.procs),
+        "hold_s": hold_s,
         "hold_server_cpu_pct": round(held["server"] * 100, 2),
+        "client": _client_label(client),
+        "deflate_negotiated": sum(r.get("deflate_negotiated", 0) for r in reports),
+        **({"probe_calls": len(probe_latencies), "probe_errors": probe_errors[:3],
+            **{f"probe_{k}": v for k, v in latency_figures(probe_latencies).items()}}
+           if probe_calls else {}),
     }
+
+
+async def _probe(server: Server, user_id: str, device_id: str, count: int, spread_s: float,
+                 latencies: list[float], errors: list[str]) -> None:
+    """``count`` tool calls to one device, one at a time, spread over ``spread_s``."""
+    gap = spread_s / max(count, 1)
+    deadline = time.monotonic() + spread_s
+    async with aiohttp.ClientSession(headers=headers(server)) as session:
+        for _ in range(count):
+            started = time.monotonic()
+            try:
+                async with session.post(f"{server.internal_base}/tool-calls", json={
+                    "user_id": user_id, "device_id": device_id, "tool": "echo",
+                    "args": {"n": 1}, "timeout_s": 10,
+                }) as response:
+                    await response.read()
+                    if response.status != 200:
+                        errors.append(str(response.status))
+                    else:
+                        latencies.append(time.monotonic() - started)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                errors.append(repr(exc)[:200])
+            await asyncio.sleep(max(0.0, min(gap - (time.monotonic() - started),
+                                             deadline - time.monotonic())))
+    await asyncio.sleep(max(0.0, deadline - time.monotonic()))
 
 
 # ---------------------------------------------------------------- calls C S
 
 
 async def calls(ctx: Context, concurrency: int, seconds: float, *,
-                warmup_s: float = 1.0) -> dict[str, Any]:
+                warmup_s: float = 1.0, client: str = "python") -> dict[str, Any]:
     """C callers, one call in flight each, through one device that answers at once."""
     server = ctx.server
     user_id, device_id = f"calls{server.public_port}-u", f"calls{server.public_port}-d"
-    _, device = ctx.spawn(load.device_worker, {
+    _, device = ctx.spawn(load.node_worker if client == "node" else load.device_worker, {
         "ws_url": server.ws_url, "jwt_secret": server.jwt_secret, "user_id": user_id,
-        "device_id": device_id, "max_s": seconds + warmup_s + 180,
+        "device_id": device_id, "max_s": seconds + warmup_s + 180, "mode": "device",
     })
     await expect(device, "ready", 60)
     loops = [b - a for a, b in split(concurrency, ctx.procs)]
@@ -258,6 +327,7 @@ async def calls(ctx: Context, concurrency: int, seconds: float, *,
         "errors": sum(statuses.values()) - ok + sum(r["error_count"] for r in results),
         "statuses": statuses,
         "device_answered": answered["answered"],
+        "client": _client_label(client),
         "server_rss_mb": round(rss / MB, 1),
         **cpu_figures(cores, ctx.procs + 1),
     }

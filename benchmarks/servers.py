@@ -218,13 +218,14 @@ def start_gateway(db: Database, run_dir: Path, *,
 
 
 def start_ceiling(run_dir: Path, *, extra_env: Mapping[str, str] | None = None,
-                  argv: list[str] | None = None) -> Server:
+                  argv: list[str] | None = None, compress: bool = False) -> Server:
     """``python -m benchmarks.ceiling`` on one loopback port (both roles)."""
     port = free_port()
     log_path = run_dir / f"ceiling-{port}.log"
     log_file = log_path.open("wb")
     proc = subprocess.Popen(
-        [*(argv or [sys.executable, "-m", "benchmarks.ceiling"]), "--port", str(port)],
+        [*(argv or [sys.executable, "-m", "benchmarks.ceiling"]), "--port", str(port),
+         *(["--compress"] if compress else [])],
         cwd=ROOT, env={**os.environ, **(extra_env or {})},
         stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
     )
