@@ -173,7 +173,7 @@ async def _serve(port: int, compress: bool) -> None:
     runner = web.AppRunner(build_app(compress=compress), access_log=None, handle_signals=False,
                            shutdown_timeout=2.0)
     await runner.setup()
-    await web.TCPSite(runner, LOOPBACK, port).start()
+    await web.TCPSite(runner, LOOPBACK, port, backlog=4096).start()  # as the gateway's
     print(f"ceiling listening on {LOOPBACK}:{port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

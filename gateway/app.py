@@ -68,6 +68,8 @@ HANDLER_GRACE_S = 2.0
 WRITER_STOP_MIN_S = 5.0
 SWEEP_MIN_S = 0.25
 POOL_CLOSE_S = 1.0
+# Pending TCP connections the public listener queues (capped by net.core.somaxconn).
+LISTEN_BACKLOG = 4096
 
 
 def teardown_reserve_s(settings: Settings) -> float:
@@ -327,8 +329,12 @@ async def serve(
         await public.setup()
         await internal.setup()
         try:
+            # A reconnect storm: aiohttp's default backlog of 128 drops SYNs, and each
+            # dropped device waits out TCP's retransmission (1 s, 3 s, 7 s, …). The
+            # kernel caps this at net.core.somaxconn.
             await web.TCPSite(public, settings.public_host, settings.public_port,
-                              ssl_context=tls.context if tls else None).start()
+                              ssl_context=tls.context if tls else None,
+                              backlog=LISTEN_BACKLOG).start()
             await web.TCPSite(internal, settings.internal_host, settings.internal_port).start()
             public_port = _port_of(public, settings.public_port)
             internal_port = _port_of(internal, settings.internal_port)
