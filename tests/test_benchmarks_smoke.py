@@ -44,6 +44,11 @@ def check_line(line: dict[str, Any], scenario: str, extra: set[str]) -> None:
 
 @pytest.mark.parametrize(("args", "extra"), [
     (["idle", "6", "--hold", "0.2"], {"kb_per_conn", "connections", "hold_server_cpu_pct"}),
+    (["idle", "6", "--hold", "0.2", "--client", "python"], {"kb_per_conn", "client"}),
+    (["storm", "20"], {"connect_s", "connections", "client", "deflate_negotiated"}),
+    (["fleet", "6", "--fleet-hold", "0.5", "--probe-calls", "3"],
+     {"kb_per_conn", "hold_server_cpu_pct", "probe_p50_ms", "probe_calls"}),
+    (["calls", "2", "0.5", "--warmup", "0.2", "--client", "node"], {"calls", "client"}),
     (["calls", "2", "0.5", "--warmup", "0.2"], {"calls", "errors"}),
     (["ingest", "2", "20", "100"], {"events", "rows_stored", "seconds"}),
     (["cleanup", "--trials", "1"], {"close_presence_ms_max", "kill_calls_ms_max"}),
@@ -58,8 +63,22 @@ def test_scenario_prints_one_json_line(database_url: str, args: list[str],
 def test_compare_prints_each_scenario_then_a_summary(database_url: str) -> None:
     lines = run_bench("compare", "--quick", "--repeat", "1", "--hold", "0.2", "--trials", "1",
                       "--warmup", "0.2", database_url=database_url, timeout=300)
-    assert [line["scenario"] for line in lines] == ["idle", "calls", "ingest", "cleanup",
-                                                    "compare"]
+    assert [line["scenario"] for line in lines] == ["idle", "storm", "fleet", "calls", "ingest",
+                                                    "cleanup", "compare"]
     summary = lines[-1]["summary"]
-    assert {row["scenario"] for row in summary} == {"idle", "calls", "ingest", "cleanup"}
-    assert all({"gateway", "ceiling", "ratio", "goal"} <= row.keys() for row in summary)
+    assert {row["scenario"] for row in summary} == {"idle", "storm", "fleet", "calls", "ingest",
+                                                    "cleanup"}
+    assert all({"gateway", "ceiling", "ratio", "goal", "client"} <= row.keys()
+               for row in summary)
+    # The device scenarios say which client they used (Node ws when CI installed it).
+    assert all(row["client"] for row in summary if row["scenario"] in ("idle", "storm", "calls"))
+
+
+def test_node_devices_offer_deflate_and_get_it_only_when_enabled(database_url: str) -> None:
+    """The Node client offers permessage-deflate; only GATEWAY_WS_COMPRESS=true accepts it."""
+    off = run_bench("idle", "4", "--hold", "0.2", "--client", "node", "--target", "gateway",
+                    database_url=database_url)[0]
+    on = run_bench("idle", "4", "--hold", "0.2", "--client", "node", "--target", "gateway",
+                   "--gateway-env", "GATEWAY_WS_COMPRESS=true", database_url=database_url)[0]
+    assert off["gateway"]["deflate_negotiated"] == 0, off["gateway"]
+    assert on["gateway"]["deflate_negotiated"] == 4, on["gateway"]
