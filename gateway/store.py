@@ -516,8 +516,9 @@ DELETE FROM agent_run_events AS e
  WHERE e.run_id = doomed.run_id AND e.seq = doomed.seq
 """
 
-# Only runs with no events left: the ON DELETE CASCADE then finds nothing, so
-# it can never turn one small batch into an unbounded delete.
+# Only runs with no events left: a run never goes before its events (there is
+# no foreign key since 0005: nothing else would remove them), and one small
+# batch can never turn into an unbounded delete.
 DELETE_EMPTIED_RUNS = """
 DELETE FROM agent_run_logs AS r
  WHERE r.id = ANY($1::uuid[])

@@ -161,7 +161,7 @@ async def test_a_slow_database_at_shutdown_loses_no_accepted_event(
             try:
                 lock = blocker.transaction()
                 await lock.start()
-                # Storing an event checks its run's row (foreign key): it now waits.
+                # Storing events updates their run's row (event_count): it now waits.
                 await blocker.execute(
                     "SELECT 1 FROM agent_run_logs WHERE id = $1 FOR UPDATE", uuid.UUID(run_id))
                 await send_three_events(runner, run_id)
