@@ -8,7 +8,7 @@ generate_series``), on an embedded PostgreSQL on disk (fsync on), then:
 
 1. **batched** — ``gateway.retention.prune`` removes the oldest day (the
    gateway's own code and batch sizes) while an ingest task writes events with
-   the gateway's INSERT_EVENTS statement as fast as it can;
+   the gateway's Store.write_events as fast as it can;
 2. **partitioned** — the same rows copied into a table partitioned by
    ``received_at`` per day (that copy is what migrating a populated database
    would cost, timed), then the oldest partition detached and dropped under the
