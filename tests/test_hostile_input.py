@@ -6,11 +6,16 @@ sockets) or, where no socket is involved, against the unit that decides.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
+import uuid
 from collections.abc import Awaitable, Callable
+from typing import Any
 
+import orjson
 import pytest
-from harness import JWT_SECRET, Harness, mint
+from harness import JWT_SECRET, Device, Harness, mint
 
 from gateway.auth import AuthError, DeviceAuthenticator
 
@@ -44,3 +49,138 @@ async def test_auth_refresh_with_a_string_exp_keeps_the_expiry(make_gateway: Mak
     error = await device.recv()
     assert (error["type"], error["code"]) == ("error", "auth_refresh_rejected"), error
     assert next(iter(gateway.svc.registry)).expires_at == armed
+
+
+# ---------------------------------------------------------------- helpers
+
+
+DEEP = "@DEEP@"
+
+
+def text(value: Any, deep: int = 0) -> str:
+    """JSON text of ``value`` with the string DEEP replaced by ``nested(deep)``.
+
+    Written by hand: orjson writes at most 255 levels, the stdlib's encoder
+    runs out of stack near 1000.
+    """
+    opening = "".join("[" if level % 2 else '{"k": ' for level in reversed(range(deep)))
+    closing = "".join("]" if level % 2 else "}" for level in range(deep))
+    return json.dumps(value).replace(f'"{DEEP}"', f"{opening}1{closing}")
+
+
+def nested(depth: int, leaf: Any = 1) -> Any:
+    """``depth`` levels of alternating arrays and objects around ``leaf``."""
+    value = leaf
+    for level in range(depth):
+        value = [value] if level % 2 else {"k": value}
+    return value
+
+
+async def start_run(gateway: Harness, device: Device, input_value: Any = None) -> str:
+    status, answer = await gateway.api("POST", "/runs", {
+        "user_id": device.user_id, "agent_id": "agent-1", "device_id": device.device_id,
+        "input": input_value if input_value is not None else {}})
+    assert status == 201, answer
+    frame = await device.recv_type("agent_run")
+    return str(frame["run_id"])
+
+
+async def stored_data(gateway: Harness, device: Device, run_id: str) -> list[Any]:
+    """The run's stored events once every frame the device sent so far is handled."""
+    await device.send({"type": "ping"})
+    await device.recv_type("pong")
+    await gateway.svc.writer.flush()
+    rows = await gateway.svc.pool.fetch(
+        "SELECT data::text FROM agent_run_events WHERE run_id = $1 ORDER BY seq",
+        uuid.UUID(run_id))
+    return [orjson.loads(row[0]) for row in rows]
+
+
+async def call_tool(gateway: Harness, device: Device, result: Any) -> tuple[int, Any]:
+    call = asyncio.ensure_future(gateway.api("POST", "/tool-calls", {
+        "user_id": device.user_id, "tool": "echo", "args": {}}))
+    frame = await device.recv_type("tool_call")
+    await device.send({"type": "tool_result", "id": frame["id"], "result": result})
+    return await call
+
+
+# ---------------------------------------------------------------- item 7: depth and big integers
+
+
+@pytest.mark.parametrize("depth", [129, 255, 256, 1000])
+async def test_agent_data_nested_too_deep_is_a_bad_frame(gateway: Harness, depth: int) -> None:
+    device = await gateway.device("user-1", "d1", ["agent-1"])
+    run_id = await start_run(gateway, device)
+    await device.send(text({"type": "agent_data", "run_id": run_id, "data": DEEP}, depth))
+    error = await device.recv_type("error")
+    assert (error["code"], error["ref"]) == ("bad_frame", "agent_data"), error
+    assert "128" in error["message"], error
+    await device.send({"type": "agent_data", "run_id": run_id, "data": nested(128)})
+    await device.send(text({"type": "agent_complete", "run_id": run_id, "result": DEEP},
+                           depth))
+    error = await device.recv_type("error")
+    assert (error["code"], error["ref"]) == ("bad_frame", "agent_complete"), error
+    await device.send({"type": "agent_complete", "run_id": run_id, "result": nested(128)})
+    assert await stored_data(gateway, device, run_id) == [nested(128)]
+    status, record = await gateway.api("GET", f"/runs/{run_id}")
+    assert status == 200 and record["status"] in ("running", "completed"), record
+    assert not device.ws.closed
+
+
+@pytest.mark.parametrize("depth", [129, 300])
+async def test_tool_result_nested_too_deep_is_a_bad_frame(gateway: Harness, depth: int) -> None:
+    device = await gateway.device("user-1", "d1")
+    call = asyncio.ensure_future(gateway.api("POST", "/tool-calls", {
+        "user_id": "user-1", "tool": "echo", "timeout_s": 5}))
+    frame = await device.recv_type("tool_call")
+    await device.send(text({"type": "tool_result", "id": frame["id"], "result": DEEP}, depth))
+    error = await device.recv_type("error")
+    assert (error["code"], error["ref"]) == ("bad_frame", "tool_result"), error
+    await device.send({"type": "tool_result", "id": frame["id"], "result": nested(128)})
+    status, answer = await call
+    assert status == 200 and answer["result"] == nested(128), answer
+
+
+@pytest.mark.parametrize("field", ["args", "input"])
+@pytest.mark.parametrize("depth", [129, 255, 300, 1000])
+async def test_internal_api_body_nested_too_deep_is_400(
+        gateway: Harness, field: str, depth: int) -> None:
+    await gateway.device("user-1", "d1", ["agent-1"])
+    path = "/tool-calls" if field == "args" else "/runs"
+    body = {"user_id": "user-1", "tool": "echo", "agent_id": "agent-1", field: DEEP}
+    status, answer = await gateway.api("POST", path, raw=text(body, depth).encode())
+    assert (status, answer["error"]) == (400, "bad_request"), answer
+    assert "128" in answer["detail"], answer
+
+
+BIG = [2**64, -(2**63) - 1, 10**30, -(10**40)]
+
+
+@pytest.mark.parametrize("number", BIG)
+async def test_agent_data_with_an_integer_beyond_64_bits_is_refused(
+        gateway: Harness, number: int) -> None:
+    device = await gateway.device("user-1", "d1", ["agent-1"])
+    run_id = await start_run(gateway, device)
+    raw = f'{{"type": "agent_data", "run_id": "{run_id}", "data": {{"n": {number}}}}}'
+    await device.send(raw)
+    error = await device.recv_type("error")
+    assert (error["code"], error["ref"]) == ("bad_frame", "agent_data"), error
+    assert "64 bits" in error["message"], error
+    edges = [2**64 - 1, -(2**63), 12345678901234567890, 1.2345678901234567890123]
+    for value in edges:
+        await device.send(f'{{"type": "agent_data", "run_id": "{run_id}", "data": {value!r}}}')
+    await device.send({"type": "agent_data", "run_id": run_id,
+                       "data": "12345678901234567890123456789"})
+    assert await stored_data(gateway, device, run_id) == [*edges, "12345678901234567890123456789"]
+
+
+@pytest.mark.parametrize("number", BIG)
+async def test_internal_api_integer_beyond_64_bits_is_400(gateway: Harness, number: int) -> None:
+    await gateway.device("user-1", "d1", ["agent-1"])
+    raw = b'{"user_id": "user-1", "agent_id": "agent-1", "input": {"n": %d}}' % number
+    status, answer = await gateway.api("POST", "/runs", raw=raw)
+    assert (status, answer["error"]) == (400, "bad_request"), answer
+    assert "64 bits" in answer["detail"], answer
+    raw = b'{"user_id": "user-1", "tool": "echo", "args": {"n": %d}}' % number
+    status, answer = await gateway.api("POST", "/tool-calls", raw=raw)
+    assert (status, answer["error"]) == (400, "bad_request"), answer

@@ -25,7 +25,7 @@ from gateway.runs.tracking import parse_run_id
 from gateway.shutdown import SHUTDOWN
 from gateway.store import RUN_STATUSES, RunRecord, Store
 from gateway.wire import codes
-from gateway.wire.frames import id_problem, jsonb_problem
+from gateway.wire.frames import id_problem, jsonb_problem, text_problem
 
 log = structlog.get_logger(__name__)
 
@@ -57,6 +57,8 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
         raise ApiError(400, codes.BAD_REQUEST, f"body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise ApiError(400, codes.BAD_REQUEST, "body must be a JSON object")
+    if problem := text_problem(raw, body):
+        raise ApiError(400, codes.BAD_REQUEST, f"body refused: {problem}")
     return body
 
 
