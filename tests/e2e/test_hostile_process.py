@@ -1,0 +1,90 @@
+"""The real process under hostile clients: malformed requests, slow headers, few files.
+
+Issue 11, items 5 and 6. Every byte goes to 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+
+import pytest
+
+from e2e.proc import E2E_SERVICE_TOKEN, database_env, mint_token, running_gateway
+
+pytestmark = pytest.mark.e2e
+
+IO_TIMEOUT_S = 5.0
+
+
+async def raw_exchange(port: int, request: bytes) -> bytes:
+    """Send ``request`` as is and read what comes back until the server closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        async with asyncio.timeout(IO_TIMEOUT_S):
+            return await reader.read()
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+def status_of(answer: bytes) -> bytes:
+    return answer.split(b"\r\n", 1)[0].split(b" ")[1] if answer else b""
+
+
+def malformed_requests(token: str) -> list[bytes]:
+    """Requests aiohttp cannot parse, each carrying ``token`` where a client puts it."""
+    path = b"/api/v1/ws/device"
+    t = token.encode()
+    return [
+        # the request line: a control character, a space, a bad version, too long
+        b"GET " + path + b"?token=" + t + b"\x01 HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET " + path + b"?token=" + t[:20] + b" " + t[20:] + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET " + path + b"?token=" + t + b" HTTP/9.Z\r\nHost: x\r\n\r\n",
+        b"GET " + path + b"?token=" + t + b"&pad=" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n",
+        # the Authorization header: a control character, too long, a bad line
+        b"GET " + path + b" HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + t
+        + b"\x01\r\n\r\n",
+        b"GET " + path + b" HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + t
+        + b"a" * 9000 + b"\r\n\r\n",
+        b"GET " + path + b" HTTP/1.1\r\nHost: x\r\nAuthorization : Bearer " + t + b"\r\n\r\n",
+        b"GET " + path + b" HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + t
+        + b"\r\nBad Header\r\n\r\n",
+    ]
+
+
+async def test_tokens_in_malformed_requests_never_reach_the_log(
+        database_url: str, tmp_path: Path) -> None:
+    token = mint_token("user-secret-sub")
+    with running_gateway(database_env(database_url, GATEWAY_LOG_LEVEL="debug"),
+                         log_dir=tmp_path) as proc:
+        for port, secret in ((proc.public_port, token),
+                             (proc.internal_port, E2E_SERVICE_TOKEN)):
+            for request in malformed_requests(secret):
+                answer = await raw_exchange(port, request)
+                assert status_of(answer).startswith(b"4"), (request[:80], answer[:200])
+        # The access log: a token hidden in the path, not the query.
+        for path in (f"/api/v1/ws/device;token={token}",
+                     f"/api/v1/ws/device%3Ftoken={token}",
+                     f"/api/v1/ws/device%3Ftoken%3D{token}"):
+            answer = await raw_exchange(
+                proc.public_port, f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close"
+                                  "\r\n\r\n".encode())
+            assert status_of(answer) == b"404", answer[:200]
+        proc.wait_for_event("http_request")
+        code, _ = proc.stop()
+        assert code == 0, proc.describe()
+        out = proc.stdout()
+        lines = proc.log_lines()
+    for secret in (token, E2E_SERVICE_TOKEN):
+        for fragment in {secret[:16], secret[-16:], secret[20:40]}:
+            assert fragment not in out, f"{fragment!r} logged:\n{out[-3000:]}"
+    malformed = [line for line in lines if line.get("event") == "http_request_malformed"]
+    assert len(malformed) == 2 * len(malformed_requests(token)), out[-3000:]
+    assert not [line for line in lines if line.get("level") == "error"], out[-3000:]
+    paths = [line["path"] for line in lines if line.get("event") == "http_request"]
+    assert sum("REDACTED" in path for path in paths) >= 3, paths
