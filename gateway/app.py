@@ -28,6 +28,7 @@ from gateway.device.endpoint import device_ws
 from gateway.device.registry import REGISTRY, Registry
 from gateway.device.sockets import DEVICE_SOCKETS, DeviceSockets
 from gateway.http import internal_api, ops
+from gateway.http.admission import KEEPALIVE_S, Admission
 from gateway.http.envelope import envelope, json_errors, route_miss
 from gateway.http.tls import ServerTls, reload_on_sighup
 from gateway.logs import AccessLogger, InternalAccessLogger
@@ -320,12 +321,18 @@ async def serve(
     async with open_gateway(settings, secrets, dsn) as gw:
         grace = handler_grace_s(settings)
         public = web.AppRunner(build_public_app(gw), access_log_class=AccessLogger,
-                               handle_signals=False, shutdown_timeout=grace)
+                               handle_signals=False, shutdown_timeout=grace,
+                               keepalive_timeout=KEEPALIVE_S)
         internal = web.AppRunner(build_internal_app(gw), access_log_class=InternalAccessLogger,
                                  handle_signals=False, shutdown_timeout=grace,
-                                 handler_cancellation=True)
+                                 handler_cancellation=True, keepalive_timeout=KEEPALIVE_S)
         await public.setup()
         await internal.setup()
+        admission = Admission.for_this_process(settings.header_timeout_s)
+        loop.set_exception_handler(admission.handle_loop_exception)
+        for runner in (public, internal):
+            assert runner.server is not None
+            admission.attach(runner.server)
         try:
             await web.TCPSite(public, settings.public_host, settings.public_port,
                               ssl_context=tls.context if tls else None).start()

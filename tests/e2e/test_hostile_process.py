@@ -7,11 +7,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 from pathlib import Path
 
+import aiohttp
 import pytest
 
-from e2e.proc import E2E_SERVICE_TOKEN, database_env, mint_token, running_gateway
+from e2e.proc import (
+    E2E_SERVICE_TOKEN,
+    ENTRY_POINT,
+    call_api,
+    connect_device,
+    database_env,
+    mint_token,
+    running_gateway,
+    start_gateway,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -88,3 +99,82 @@ async def test_tokens_in_malformed_requests_never_reach_the_log(
     assert not [line for line in lines if line.get("level") == "error"], out[-3000:]
     paths = [line["path"] for line in lines if line.get("event") == "http_request"]
     assert sum("REDACTED" in path for path in paths) >= 3, paths
+
+
+# ---------------------------------------------------------------- item 5: slow headers
+
+# The gateway runs with this few open files, so TRICKLERS clients reach the limit.
+NOFILE = 160
+TRICKLERS = 300
+HEADER_TIMEOUT_S = 2.0
+# How long tricklers keep trickling at most (a bound for the test, not a figure).
+TRICKLE_FOR_S = 30.0
+# An accept error is logged once per listening socket per second at most by
+# asyncio (it stops accepting for a second); a flood is far more.
+ACCEPT_ERRORS_PER_S_MAX = 4
+
+
+async def trickle(port: int, outcome: dict[str, int]) -> None:
+    """A client that sends its request headers one line per second, forever."""
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        outcome["refused"] += 1
+        return
+    try:
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + TRICKLE_FOR_S
+        while loop.time() < deadline:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    if await reader.read(1024) == b"":
+                        outcome["dropped"] += 1
+                        return
+            writer.write(b"X-Slow: 1\r\n")
+            await writer.drain()
+        outcome["still_open"] += 1
+    except ConnectionError:
+        outcome["dropped"] += 1
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+async def test_slow_header_clients_at_the_file_limit_do_not_stall_the_listeners(
+        database_url: str, tmp_path: Path) -> None:
+    env = database_env(database_url, GATEWAY_HEADER_TIMEOUT_S=str(HEADER_TIMEOUT_S))
+    shell = f'ulimit -n {NOFILE} && exec "$0" "$@"'
+    proc = start_gateway(env, log_dir=tmp_path,
+                         program=("sh", "-c", shell, sys.executable, str(ENTRY_POINT)))
+    try:
+        proc.wait_ready()
+        outcome = {"dropped": 0, "refused": 0, "still_open": 0}
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        clients = [asyncio.ensure_future(trickle(port, outcome))
+                   for port in [proc.public_port, proc.internal_port] * (TRICKLERS // 2)]
+        await asyncio.sleep(HEADER_TIMEOUT_S)  # the process is at its limit by now
+        async with aiohttp.ClientSession() as session:
+            device = await connect_device(session, proc.ws_url, token=mint_token("u1"),
+                                          user_id="u1", device_id="d1")
+            call = asyncio.ensure_future(call_api(
+                session, "POST", f"{proc.internal_url}/tool-calls",
+                {"user_id": "u1", "tool": "echo", "args": {"x": 1}}))
+            frame = await device.recv_type("tool_call")
+            await device.send({"type": "tool_result", "id": frame["id"], "result": {"x": 1}})
+            status, answer = await call
+            assert (status, answer["result"]) == (200, {"x": 1}), answer
+            await device.close()
+        await asyncio.gather(*clients)
+        elapsed = loop.time() - started
+        code, _ = proc.stop()
+        assert code == 0, proc.describe()
+    finally:
+        proc.kill()
+    assert outcome["dropped"] == TRICKLERS, (outcome, proc.describe())
+    lines = proc.log_lines()
+    accept_errors = [line for line in lines if "accept" in str(line.get("event"))]
+    assert len(accept_errors) <= ACCEPT_ERRORS_PER_S_MAX * elapsed, (
+        len(accept_errors), elapsed, accept_errors[:3])
