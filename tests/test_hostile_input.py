@@ -13,9 +13,10 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
-from harness import JWT_SECRET, Device, Harness, mint
+from harness import JWT_SECRET, WS_PATH, Device, Harness, mint
 
 from gateway.auth import AuthError, DeviceAuthenticator
 
@@ -52,6 +53,17 @@ async def test_auth_refresh_with_a_string_exp_keeps_the_expiry(make_gateway: Mak
 
 
 # ---------------------------------------------------------------- helpers
+
+UPGRADE_HEADERS = {"Connection": "Upgrade", "Upgrade": "websocket",
+                   "Sec-WebSocket-Version": "13", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+
+
+async def handshake_body(gateway: Harness, token: str) -> tuple[int, Any]:
+    """A refused WebSocket handshake's status and JSON body."""
+    async with gateway.public.get(WS_PATH, params={"token": token},
+                                  headers=UPGRADE_HEADERS) as response:
+        return response.status, orjson.loads(await response.read())
+
 
 
 DEEP = "@DEEP@"
@@ -184,3 +196,25 @@ async def test_internal_api_integer_beyond_64_bits_is_400(gateway: Harness, numb
     raw = b'{"user_id": "user-1", "tool": "echo", "args": {"n": %d}}' % number
     status, answer = await gateway.api("POST", "/tool-calls", raw=raw)
     assert (status, answer["error"]) == (400, "bad_request"), answer
+
+
+# ------------------------------------------------ item 9: sockets that never say hello
+
+
+async def test_one_user_cannot_hold_every_slot_with_silent_sockets(
+        make_gateway: MakeGateway) -> None:
+    gateway = await make_gateway(max_connections=6, max_hello_pending_per_user=3,
+                                 hello_timeout_s=30)
+    silent = [await gateway.connect(mint("greedy")) for _ in range(3)]
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await gateway.connect(mint("greedy"))
+    assert refused.value.status == 429
+    status, body = await handshake_body(gateway, mint("greedy"))
+    assert (status, body["error"]) == (429, "too_many_handshakes"), body
+    # Others still get in, and a device of the same user that says hello frees its slot.
+    other = await gateway.device("someone-else", "d1")
+    for ws in silent[:1]:
+        await ws.send_str(orjson.dumps({"type": "device_hello", "device_id": "g1"}).decode())
+        assert orjson.loads((await ws.receive()).data)["type"] == "hello_ack"
+    await gateway.device("greedy", "g2")
+    await other.close()

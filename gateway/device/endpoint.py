@@ -84,6 +84,12 @@ async def device_ws(request: web.Request) -> web.StreamResponse:
         log.info("device_auth_refused", reason=str(exc), remote=remote)
         return _refuse_handshake(metrics, 401, codes.UNAUTHORIZED, str(exc))
 
+    if sockets.pending_of(claims.user_id) >= settings.max_hello_pending_per_user:
+        log.info("device_refused_too_many_handshakes", user_id=claims.user_id,
+                 limit=settings.max_hello_pending_per_user, remote=remote)
+        return _refuse_handshake(metrics, 429, codes.TOO_MANY_HANDSHAKES,
+                                 "this user holds its maximum of sockets awaiting device_hello")
+
     ws = web.WebSocketResponse(
         heartbeat=aiohttp_heartbeat(settings.heartbeat_s), autoping=True,
         max_msg_size=settings.max_frame_bytes, timeout=CLOSE_TIMEOUT_S, decode_text=False,
@@ -91,7 +97,7 @@ async def device_ws(request: web.Request) -> web.StreamResponse:
     if not ws.can_prepare(request).ok:
         return _refuse_handshake(metrics, 400, codes.BAD_REQUEST,
                                  "a WebSocket upgrade is required")
-    sockets.opened(ws, request)
+    sockets.opened(ws, request, claims.user_id)
     try:
         await ws.prepare(request)
         metrics.connections_opened.inc()
@@ -100,6 +106,7 @@ async def device_ws(request: web.Request) -> web.StreamResponse:
         structlog.contextvars.bind_contextvars(user_id=claims.user_id, remote=remote)
         with sockets.awaiting_hello(ws):
             hello = await _receive_hello(ws, settings.hello_timeout_s)
+        sockets.hello_done(ws)
         if hello is None:
             metrics.connections_closed.labels(str(ws.close_code)).inc()
             return ws
