@@ -29,7 +29,7 @@ from gateway.device.registry import REGISTRY, Registry
 from gateway.device.sockets import DEVICE_SOCKETS, DeviceSockets
 from gateway.http import internal_api, ops
 from gateway.http.admission import KEEPALIVE_S, Admission
-from gateway.http.envelope import envelope, json_errors, route_miss
+from gateway.http.envelope import envelope, expect_continue, json_errors, route_miss
 from gateway.http.tls import ServerTls, reload_on_sighup
 from gateway.logs import AccessLogger, InternalAccessLogger
 from gateway.metrics import METRICS, Metrics
@@ -231,8 +231,10 @@ def build_internal_app(gw: Gateway) -> web.Application:
     app = web.Application(client_max_size=gw.settings.max_frame_bytes)
     _provide(app, gw)
     wrap = envelope(gw.service_tokens)
-    internal_api.add_routes(app, wrap=wrap)
-    app.router.add_route("*", "/{path:.*}", wrap(route_miss))  # last: only what is left
+    expect = expect_continue(gw.service_tokens)
+    internal_api.add_routes(app, wrap=wrap, expect=expect)
+    # last: only what is left
+    app.router.add_route("*", "/{path:.*}", wrap(route_miss), expect_handler=expect)
     return app
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-from harness import JWT_SECRET, WS_PATH, Device, Harness, mint
+from harness import JWT_SECRET, SERVICE_TOKEN, WS_PATH, Device, Harness, mint
 
 from gateway.auth import AuthError, DeviceAuthenticator
 
@@ -218,3 +218,86 @@ async def test_one_user_cannot_hold_every_slot_with_silent_sockets(
         assert orjson.loads((await ws.receive()).data)["type"] == "hello_ack"
     await gateway.device("greedy", "g2")
     await other.close()
+
+
+# ---------------------------------------------------------------- item 11: the small ones
+
+
+def closed_total(gateway: Harness) -> dict[str, float]:
+    """gateway_connections_closed_total by code label, from the registry itself."""
+    counts: dict[str, float] = {}
+    for metric in gateway.svc.metrics.connections_closed.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_total"):
+                counts[sample.labels["code"]] = sample.value
+    return counts
+
+
+async def test_device_chosen_close_codes_map_to_a_fixed_label_set(gateway: Harness) -> None:
+    for number, code in enumerate((3000, 3999, 4123, 4999, 1000)):
+        device = await gateway.device("user-1", f"d{number}")
+        await device.ws.close(code=code)
+    await gateway.wait_for(lambda: sum(closed_total(gateway).values()) >= 5)
+    counts = closed_total(gateway)
+    assert counts.get("other") == 4 and counts.get("1000") == 1, counts
+
+
+async def test_a_frame_of_exactly_the_limit_is_accepted_one_byte_more_closes_1009(
+        make_gateway: MakeGateway) -> None:
+    limit = 4096
+    gateway = await make_gateway(max_frame_bytes=limit)
+    device = await gateway.device("user-1", "d1")
+    frame = '{"type": "ping", "pad": "%s"}'
+    exact = frame % ("x" * (limit - len(frame % "")))
+    assert len(exact.encode()) == limit
+    await device.send(exact)
+    assert (await device.recv_type("pong"))["type"] == "pong"
+    await device.send(frame % ("x" * (limit + 1 - len(frame % ""))))
+    assert await device.expect_close() == 1009
+
+
+@pytest.mark.parametrize("after", [str(2**31), str(2**63), "99999999999999999999999"])
+async def test_after_beyond_a_seq_is_400_before_the_stream_starts(
+        gateway: Harness, after: str) -> None:
+    device = await gateway.device("user-1", "d1", ["agent-1"])
+    run_id = await start_run(gateway, device)
+    status, answer = await gateway.api("GET", f"/runs/{run_id}/events?after={after}")
+    assert (status, answer["error"]) == (400, "bad_request"), answer
+
+
+@pytest.mark.parametrize("moment", ["0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-14:00",
+                                    "0001-01-01T00:00:00", "9999-12-31T23:59:59.999999Z"])
+async def test_extreme_scheduled_at_is_400_or_stored(gateway: Harness, moment: str) -> None:
+    status, answer = await gateway.api("POST", "/runs", {
+        "user_id": "user-1", "agent_id": "agent-1", "scheduled_at": moment})
+    assert status in (201, 400), answer
+    if status == 201:
+        status, record = await gateway.api("GET", f"/runs/{answer['run_id']}")
+        assert status == 200, record
+        status, listed = await gateway.api("GET", "/runs?user_id=user-1")
+        assert status == 200, listed
+
+
+async def expect_exchange(port: int, token: str | None) -> bytes:
+    """A POST with Expect: 100-continue: what comes back before the body is sent."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        auth = f"Authorization: Bearer {token}\r\n" if token else ""
+        writer.write((f"POST /internal/v1/runs HTTP/1.1\r\nHost: x\r\n{auth}"
+                      "Content-Type: application/json\r\nContent-Length: 2\r\n"
+                      "Expect: 100-continue\r\n\r\n").encode())
+        await writer.drain()
+        async with asyncio.timeout(5):
+            return await reader.readuntil(b"\r\n\r\n")
+    finally:
+        writer.close()
+
+
+async def test_expect_100_continue_is_answered_after_the_token_check(gateway: Harness) -> None:
+    port = gateway.internal.port
+    assert port is not None
+    for token in (None, "wrong-token-0123456789"):
+        head = await expect_exchange(port, token)
+        assert head.startswith(b"HTTP/1.1 401"), head
+    head = await expect_exchange(port, SERVICE_TOKEN)
+    assert head.startswith(b"HTTP/1.1 100"), head
