@@ -19,6 +19,7 @@ import pytest
 from harness import JWT_SECRET, SERVICE_TOKEN, WS_PATH, Device, Harness, mint
 
 from gateway.auth import AuthError, DeviceAuthenticator
+from gateway.device.handlers import COSTLY_BURST
 
 MakeGateway = Callable[..., Awaitable[Harness]]
 
@@ -301,3 +302,45 @@ async def test_expect_100_continue_is_answered_after_the_token_check(gateway: Ha
         assert head.startswith(b"HTTP/1.1 401"), head
     head = await expect_exchange(port, SERVICE_TOKEN)
     assert head.startswith(b"HTTP/1.1 100"), head
+
+
+async def test_auth_refresh_beyond_its_allowance_is_a_bad_frame(gateway: Harness) -> None:
+    device = await gateway.device("user-1", "d1")
+    for _ in range(COSTLY_BURST):
+        await device.send({"type": "auth_refresh", "token": mint("user-1")})
+    await device.send({"type": "ping"})
+    assert (await device.recv())["type"] == "pong"  # no error frame before it
+    await device.send({"type": "auth_refresh", "token": mint("user-1")})
+    error = await device.recv_type("error")
+    assert (error["code"], error["ref"]) == ("bad_frame", "auth_refresh"), error
+
+
+async def test_repeated_hello_beyond_its_allowance_is_a_bad_frame(gateway: Harness) -> None:
+    device = await gateway.device("user-1", "d1")
+    for _ in range(COSTLY_BURST):
+        await device.send({"type": "device_hello", "device_id": "d1"})
+        await device.recv_type("hello_ack")
+    await device.send({"type": "device_hello", "device_id": "d1"})
+    error = await device.recv_type("error")
+    assert (error["code"], error["ref"]) == ("bad_frame", "device_hello"), error
+
+
+async def test_frames_for_foreign_runs_stop_costing_a_query(make_gateway: MakeGateway) -> None:
+    """Past the allowance, a run this connection does not know is answered without
+    asking the database: a run finished on an earlier connection then reads as
+    unknown_run (the database would have said run_finished)."""
+    gateway = await make_gateway(run_resume_s=0)
+    device = await gateway.device("user-1", "d1", ["agent-1"])
+    run_id = await start_run(gateway, device)
+    await device.send({"type": "agent_complete", "run_id": run_id})
+    await device.send({"type": "ping"})
+    await device.recv_type("pong")
+    await device.close()
+    device = await gateway.device("user-1", "d1", ["agent-1"])
+    answers = []
+    for _ in range(COSTLY_BURST + 5):
+        await device.send({"type": "agent_data", "run_id": run_id, "data": 1})
+        answers.append((await device.recv_type("error"))["code"])
+    assert answers == ["run_finished"] * COSTLY_BURST + ["unknown_run"] * 5, answers
+    await device.send({"type": "ping"})
+    assert (await device.recv())["type"] == "pong"  # not closed: no abuse counted
