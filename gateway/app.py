@@ -135,6 +135,7 @@ async def open_gateway(
         live = LiveEvents(capacity=settings.subscriber_buffer)
         writer = EventWriter(store=store, metrics=metrics, live=live,
                              queue_max=settings.event_queue_max,
+                             queue_max_bytes=settings.event_queue_max_bytes,
                              batch_max=settings.event_batch_max)
         tracking = Tracking()
         continuity = Continuity(store=store, tracking=tracking, live=live, metrics=metrics,

@@ -7,6 +7,7 @@ sockets) or, where no socket is involved, against the unit that decides.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import time
 import uuid
@@ -20,6 +21,9 @@ from harness import JWT_SECRET, SERVICE_TOKEN, WS_PATH, Device, Harness, mint
 
 from gateway.auth import AuthError, DeviceAuthenticator
 from gateway.device.handlers import COSTLY_BURST
+from gateway.runs.events import EventWriter
+from gateway.runs.live import Subscription
+from gateway.store import StoredEvent
 
 MakeGateway = Callable[..., Awaitable[Harness]]
 
@@ -344,3 +348,33 @@ async def test_frames_for_foreign_runs_stop_costing_a_query(make_gateway: MakeGa
     assert answers == ["run_finished"] * COSTLY_BURST + ["unknown_run"] * 5, answers
     await device.send({"type": "ping"})
     assert (await device.recv())["type"] == "pong"  # not closed: no abuse counted
+
+
+# ---------------------------------------------------------------- item 10: bytes, not only counts
+
+
+async def test_the_event_buffer_is_bounded_by_bytes_and_lets_one_large_event_in_alone(
+        gateway: Harness) -> None:
+    """A writer of its own, not yet running: what ``put`` lets in before it waits."""
+    svc = gateway.svc
+    writer = EventWriter(store=svc.store, metrics=svc.metrics, live=svc.live,
+                         queue_max=1000, queue_max_bytes=1000)
+    run_id = uuid.uuid4()
+    await writer.put(run_id, 1, "x" * 600)
+    second = asyncio.ensure_future(writer.put(run_id, 2, "y" * 600))
+    await asyncio.sleep(0.05)
+    assert not second.done() and writer.depth == 1  # 1200 bytes would pass the bound
+    second.cancel()
+    alone = EventWriter(store=svc.store, metrics=svc.metrics, live=svc.live,
+                        queue_max=1000, queue_max_bytes=1000)
+    await alone.put(run_id, 1, "z" * 5000)  # larger than the bound, into an empty buffer
+    assert alone.depth == 1
+
+
+def test_a_live_reader_overflows_by_bytes() -> None:
+    subscription = Subscription(uuid.uuid4(), capacity=1000, capacity_bytes=1000)
+    now = dt.datetime.now(dt.UTC)
+    subscription.push([StoredEvent(1, '"' + "x" * 600 + '"', now)])
+    subscription.push([StoredEvent(2, '"' + "y" * 600 + '"', now)])
+    events, overflowed = subscription.take()
+    assert (events, overflowed) == ([], True)

@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 import aiohttp
+import orjson
+import psutil
 import pytest
 
 from e2e.proc import (
@@ -23,6 +25,7 @@ from e2e.proc import (
     running_gateway,
     start_gateway,
 )
+from gateway.http.streaming import EVENTS_PAGE_BYTES
 
 pytestmark = pytest.mark.e2e
 
@@ -178,3 +181,85 @@ async def test_slow_header_clients_at_the_file_limit_do_not_stall_the_listeners(
     accept_errors = [line for line in lines if "accept" in str(line.get("event"))]
     assert len(accept_errors) <= ACCEPT_ERRORS_PER_S_MAX * elapsed, (
         len(accept_errors), elapsed, accept_errors[:3])
+
+
+# ---------------------------------------------------------------- item 10: memory bounded by bytes
+
+MIB = 1024 * 1024
+BIG_EVENTS = 60
+BIG_EVENT_BYTES = int(3.5 * MIB)
+QUEUE_BYTES = 16 * MIB
+# What a bounded process may add beyond its configured buffers: a frame being
+# decoded and re-encoded, a batch being encoded for PostgreSQL, a page being
+# encoded for the reader, allocator slack. Unbounded, the same run added
+# several hundred MiB (issue 11, item 10).
+RSS_SLACK = 128 * MIB
+
+
+class PeakRss:
+    """The highest RSS of a process, sampled every 20 ms while in use."""
+
+    def __init__(self, pid: int) -> None:
+        self.process = psutil.Process(pid)
+        self.peak = self.base = self.process.memory_info().rss
+        self._task: asyncio.Task[None] | None = None
+
+    async def _sample(self) -> None:
+        while True:
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            await asyncio.sleep(0.02)
+
+    def __enter__(self) -> PeakRss:
+        self.base = self.peak = self.process.memory_info().rss
+        self._task = asyncio.ensure_future(self._sample())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        self.peak = max(self.peak, self.process.memory_info().rss)
+
+    @property
+    def added_mib(self) -> float:
+        return (self.peak - self.base) / MIB
+
+
+async def test_large_events_are_bounded_by_bytes_in_the_writer_and_the_reader(
+        database_url: str, tmp_path: Path) -> None:
+    env = database_env(database_url, GATEWAY_EVENT_QUEUE_MAX_BYTES=str(QUEUE_BYTES))
+    with running_gateway(env, log_dir=tmp_path) as proc:
+        async with aiohttp.ClientSession() as session:
+            device = await connect_device(session, proc.ws_url, token=mint_token("u1"),
+                                          user_id="u1", device_id="d1", agent_ids=["a1"])
+            status, run = await call_api(session, "POST", f"{proc.internal_url}/runs",
+                                         {"user_id": "u1", "agent_id": "a1"})
+            assert status == 201, run
+            run_id = (await device.recv_type("agent_run"))["run_id"]
+            with PeakRss(proc.popen.pid) as writing:
+                for i in range(BIG_EVENTS):
+                    pad = f"{i:06d}".ljust(BIG_EVENT_BYTES, "x")
+                    await device.ws.send_str(
+                        f'{{"type": "agent_data", "run_id": "{run_id}", "data": "{pad}"}}')
+                await device.send({"type": "agent_complete", "run_id": run_id})
+                await device.send({"type": "ping"})
+                await device.recv_type("pong", timeout=60)
+            await device.close()
+    # The reader in a process of its own: memory the writer freed would hide its use.
+    with running_gateway(env, log_dir=tmp_path) as proc:
+        async with aiohttp.ClientSession() as session:
+            seqs = []
+            with PeakRss(proc.popen.pid) as reading:
+                async with session.get(
+                        f"{proc.internal_url}/runs/{run_id}/events",
+                        headers={"Authorization": f"Bearer {E2E_SERVICE_TOKEN}"}) as resp:
+                    assert resp.status == 200
+                    pending = b""
+                    async for chunk in resp.content.iter_chunked(MIB):
+                        *lines, pending = (pending + chunk).split(b"\n")
+                        seqs.extend(orjson.loads(line)["seq"] for line in lines)
+                        await asyncio.sleep(0.01)  # a reader slower than the database
+    print(f"\nwriter added {writing.added_mib:.0f} MiB, reader added {reading.added_mib:.0f} MiB"
+          f" (queue bound {QUEUE_BYTES // MIB} MiB, page {EVENTS_PAGE_BYTES // MIB} MiB)")
+    assert seqs == list(range(1, BIG_EVENTS + 1))
+    assert writing.peak - writing.base <= QUEUE_BYTES + RSS_SLACK, writing.added_mib
+    assert reading.peak - reading.base <= EVENTS_PAGE_BYTES + RSS_SLACK, reading.added_mib
