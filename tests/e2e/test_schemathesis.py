@@ -10,11 +10,8 @@ and no 5xx may come back but the documented ones with their documented code
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import attrs
@@ -28,16 +25,8 @@ from pg import create_database, drop_database, dsn_with_database, run_blocking, 
 from schemathesis.checks import not_a_server_error, positive_data_acceptance
 from schemathesis.core.failures import ServerError
 
-from e2e.proc import (
-    E2E_SERVICE_TOKEN,
-    ENTRY_POINT,
-    REPO_ROOT,
-    GatewayProcess,
-    child_env,
-    database_env,
-    mint_token,
-    running_gateway,
-)
+from e2e.proc import E2E_SERVICE_TOKEN, REPO_ROOT, GatewayProcess, database_env, running_gateway
+from e2e.simulated import running_simulator
 
 pytestmark = pytest.mark.e2e
 
@@ -47,7 +36,7 @@ USER = "dev-user"  # the document's examples name this user and the simulator's 
 EXAMPLES_PER_OPERATION = 25
 SEED = 20261130
 REQUEST_TIMEOUT_S = 15.0
-SIMULATOR_TIMEOUT_S = 15.0
+RUN_TIMEOUT_S = 15.0
 # Failures schemathesis finds in today's gateway, each fixed elsewhere: strict,
 # so the test fails (XPASS) once the fix lands and the entry must go.
 KNOWN_FAILURES = {
@@ -108,13 +97,6 @@ def module_database(pg_server_dsn: str, template_database: str) -> Iterator[str]
         run_blocking(drop_database(pg_server_dsn, name))
 
 
-def _simulator_is_listed(proc: GatewayProcess, device_id: str) -> bool:
-    http = urllib3.PoolManager()
-    answer = http.request("GET", f"{proc.internal_url}/devices", fields={"user_id": USER},
-                          headers={"Authorization": f"Bearer {E2E_SERVICE_TOKEN}"}, timeout=2.0)
-    return any(d["device_id"] == device_id for d in orjson.loads(answer.data)["devices"])
-
-
 @attrs.frozen
 class Api:
     base_url: str
@@ -138,7 +120,7 @@ def _finished_runs(proc: GatewayProcess) -> tuple[str, ...]:
     streamed = post("/runs", {"user_id": USER, "agent_id": "stream", "input": {"events": 3}})
     idle = post("/runs", {"user_id": USER, "agent_id": "nobody-runs-this"})
     post(f"/runs/{idle['run_id']}/cancel")
-    deadline = time.monotonic() + SIMULATOR_TIMEOUT_S
+    deadline = time.monotonic() + RUN_TIMEOUT_S
     while http.request("GET", f"{proc.internal_url}/runs/{streamed['run_id']}",
                        headers=headers).json()["status"] != "completed":
         assert time.monotonic() < deadline, "the simulator did not complete its run"
@@ -150,26 +132,11 @@ def _finished_runs(proc: GatewayProcess) -> tuple[str, ...]:
 def api(module_database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
     """The real gateway with a simulated device of USER connected, and runs that exist."""
     logs = tmp_path_factory.mktemp("schemathesis-logs")
-    with running_gateway(database_env(module_database), log_dir=logs) as proc:
-        device_log = logs / "device.log"
-        with device_log.open("wb") as out:
-            simulator = subprocess.Popen(
-                [sys.executable, str(ENTRY_POINT), "device", "--device-id", "sim-1",
-                 "--token", mint_token(USER), "--url", proc.ws_url, "--quiet"],
-                cwd=REPO_ROOT, env=child_env({}), stdin=subprocess.DEVNULL,
-                stdout=out, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + SIMULATOR_TIMEOUT_S
-            while not _simulator_is_listed(proc, "sim-1"):
-                assert simulator.poll() is None, Path(device_log).read_text()
-                assert time.monotonic() < deadline, "the simulator never connected"
-                time.sleep(0.05)
-            yield Api(f"http://127.0.0.1:{proc.internal_port}", _finished_runs(proc))
-            assert simulator.poll() is None, "the simulator fell over during the run"
-            assert proc.popen.poll() is None, proc.describe()
-        finally:
-            simulator.terminate()
-            simulator.wait(timeout=10)
+    with running_gateway(database_env(module_database), log_dir=logs) as proc, \
+            running_simulator(proc, user_id=USER, device_id="sim-1", log_dir=logs) as simulator:
+        yield Api(f"http://127.0.0.1:{proc.internal_port}", _finished_runs(proc))
+        assert simulator.poll() is None, "the simulator fell over during the run"
+        assert proc.popen.poll() is None, proc.describe()
 
 
 @SCHEMA.parametrize()
