@@ -141,7 +141,7 @@ def api(module_database: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
 @SCHEMA.parametrize()
 @hypothesis_seed(SEED)
-@settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, derandomize=True,
+@settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, derandomize=True, database=None,
           suppress_health_check=list(HealthCheck), print_blob=True)
 def test_the_gateway_answers_as_its_openapi_document_says(
     case: Any, api: Api, request: pytest.FixtureRequest,
