@@ -89,10 +89,12 @@ def test_each_handler_reads_exactly_the_documented_query_parameters_and_body_fie
     documented = documented_operations(doc)
     checked = 0
     for (method, path), name in routed_operations(gateway.internal.server.app).items():
-        handler = getattr(internal_api, name, None)
-        if handler is None:  # the document's own handler reads nothing
-            assert name == "get_openapi"
+        if name == "get_openapi":  # the document's own handler reads nothing
             continue
+        handler = getattr(internal_api, name, None)
+        if handler is None:
+            pytest.fail(f"{method} {path}: its handler {name} is not in internal_api.py; "
+                        "teach this test where to read it")
         source = inspect.getsource(handler)
         operation = documented[(method, path)]
         params = parameters_of(doc, path, operation)
