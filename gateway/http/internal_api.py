@@ -18,6 +18,7 @@ from aiohttp.typedefs import Handler
 from gateway.device.connection import CallFailed, Connection
 from gateway.device.registry import REGISTRY
 from gateway.http.envelope import ApiError, ExpectHandler, json_response
+from gateway.http.openapi import document_handler
 from gateway.http.streaming import stream_run_events
 from gateway.metrics import METRICS
 from gateway.runs.lifecycle import RUNS, RunAlreadyFinished, RunNotFound
@@ -280,10 +281,12 @@ def add_routes(app: web.Application, *, wrap: Callable[[Handler], Handler],
                expect: ExpectHandler | None = None) -> None:
     """The internal API's routes, each inside the listener's envelope ``wrap``.
 
+    Every route here is in gateway/openapi.json (tests/test_openapi.py checks).
     ``expect`` answers ``Expect: 100-continue`` (aiohttp's default when None).
     """
     router = app.router
     more: dict[str, Any] = {} if expect is None else {"expect_handler": expect}
+    router.add_get(f"{PREFIX}/openapi.json", wrap(document_handler()), **more)
     router.add_get(f"{PREFIX}/devices", wrap(list_devices), **more)
     router.add_post(f"{PREFIX}/tool-calls", wrap(create_tool_call), **more)
     router.add_post(f"{PREFIX}/runs", wrap(create_run), **more)
