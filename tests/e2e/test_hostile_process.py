@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import aiohttp
 import orjson
@@ -115,6 +117,9 @@ TRICKLE_FOR_S = 30.0
 # An accept error is logged once per listening socket per second at most by
 # asyncio (it stops accepting for a second); a flood is far more.
 ACCEPT_ERRORS_PER_S_MAX = 4
+# A real client retries a dropped connection for this long at most (bounded).
+RETRY_FOR_S = 15.0
+T = TypeVar("T")
 
 
 async def trickle(port: int, outcome: dict[str, int]) -> None:
@@ -145,6 +150,18 @@ async def trickle(port: int, outcome: dict[str, int]) -> None:
             await writer.wait_closed()
 
 
+async def retried(attempt: Callable[[], Awaitable[T]]) -> T:
+    """``attempt()`` until it gets through: connections past the budget are dropped."""
+    deadline = asyncio.get_running_loop().time() + RETRY_FOR_S
+    while True:
+        try:
+            return await attempt()
+        except (aiohttp.ClientConnectionError, aiohttp.WSServerHandshakeError):
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+
+
 async def test_slow_header_clients_at_the_file_limit_do_not_stall_the_listeners(
         database_url: str, tmp_path: Path) -> None:
     env = database_env(database_url, GATEWAY_HEADER_TIMEOUT_S=str(HEADER_TIMEOUT_S))
@@ -160,8 +177,11 @@ async def test_slow_header_clients_at_the_file_limit_do_not_stall_the_listeners(
                    for port in [proc.public_port, proc.internal_port] * (TRICKLERS // 2)]
         await asyncio.sleep(HEADER_TIMEOUT_S)  # the process is at its limit by now
         async with aiohttp.ClientSession() as session:
-            device = await connect_device(session, proc.ws_url, token=mint_token("u1"),
-                                          user_id="u1", device_id="d1")
+            # As real clients do, each retries a connection the full gateway dropped.
+            device = await retried(lambda: connect_device(
+                session, proc.ws_url, token=mint_token("u1"), user_id="u1", device_id="d1"))
+            await retried(lambda: call_api(session, "GET", f"{proc.internal_url}/devices"
+                                           "?user_id=u1"))
             call = asyncio.ensure_future(call_api(
                 session, "POST", f"{proc.internal_url}/tool-calls",
                 {"user_id": "u1", "tool": "echo", "args": {"x": 1}}))
