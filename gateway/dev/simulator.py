@@ -268,10 +268,12 @@ class Simulator:
         sent = run.confirmed
         while True:
             run.changed.clear()
-            for seq, frame in list(run.unconfirmed):
-                if seq > sent:
-                    await self.send(frame)
-                    sent = seq
+            # The kept events have consecutive seqs: the next one is found by position.
+            while run.unconfirmed and sent < run.unconfirmed[-1][0]:
+                first = run.unconfirmed[0][0]
+                seq, frame = run.unconfirmed[max(0, sent + 1 - first)]
+                await self.send(frame)
+                sent = seq
             if run.complete is not None and sent == run.next_seq - 1:
                 await self.send(run.complete)
                 self._keep_finished(run.run_id)
