@@ -9,12 +9,12 @@ then agent_complete), answers ``ping`` with ``pong``, and logs every frame.
 Session continuity (PROTOCOL.md §1.8): it reconnects after a drop with
 exponential back-off and full jitter, and goes on with the runs its new
 ``hello_ack.runs`` lists. Each run keeps the events the gateway has not
-confirmed; after a reconnect everything past the run's ``last_seq`` is sent
-again, then the rest. With ``event_acks`` the events carry ``seq``, each
-``agent_ack`` confirms (and forgets) events, and an agent with ``max_unacked``
-events unconfirmed waits for acks: nothing is lost or stored twice, even
-across a gateway crash. Without it only a hello confirms, so the run keeps
-just its last ``max_unacked`` events.
+confirmed and sends them again after a reconnect, then the rest. With
+``event_acks`` the events carry ``seq``, each ``agent_ack`` confirms (and
+forgets) events, everything past the last ack is sent again, and an agent with
+``max_unacked`` events unconfirmed waits for acks: nothing is lost or stored
+twice, even across a gateway crash. Without it a hello's ``last_seq`` is the
+only confirmation, so the run keeps just its last ``max_unacked`` events.
 
 It stops for good on 4000 (another copy of this device took over), 4002,
 1008 and 1009 (reconnecting would be refused again), a refused handshake
@@ -168,7 +168,14 @@ class Simulator:
         self._pumps.clear()
 
     def on_hello_ack(self, frame: dict[str, Any]) -> None:
-        """Runs listed go on from their ``last_seq``; runs not listed ended meanwhile."""
+        """Runs listed go on; runs not listed ended meanwhile.
+
+        Without event_acks a hello is the only word on what was stored: events up
+        to ``last_seq`` are forgotten and the rest sent again. With it, only an ack
+        says "stored" (after a replacement ``last_seq`` also counts events still on
+        their way to the database, which a crash then would lose), so everything
+        past the last ack is sent again; the gateway acks, and does not store
+        again, those up to its ``last_seq``."""
         listed: dict[str, int] = {}
         for entry in frame.get("runs") or ():
             listed[str(entry["run_id"])] = int(entry.get("last_seq") or 0)
@@ -185,14 +192,16 @@ class Simulator:
                     {"type": "agent_complete", "run_id": run_id, "status": "error",
                      "errors": [LOST_RUN_ERROR]}))
                 continue
-            run.confirm(last_seq)
+            if not self.options.event_acks:
+                run.confirm(last_seq)
             first = run.unconfirmed[0][0] if run.unconfirmed else run.next_seq
-            if first > last_seq + 1:
+            if first > max(last_seq, run.confirmed) + 1:
                 # Only without event_acks: the events between were forgotten.
                 log.warning("run_events_lost", run_id=run_id, last_seq=last_seq,
                             first_kept=first)
-            log.info("run_continued", run_id=run_id, last_seq=last_seq,
-                     resending=len(run.unconfirmed))
+            log.info("run_continued", run_id=run_id, last_seq=last_seq, acked=run.confirmed,
+                     resending=len(run.unconfirmed),
+                     already_there=max(0, min(last_seq, run.next_seq - 1) - run.confirmed))
             self._pump(run)
 
     def _start_on_link(self, coro: Any) -> asyncio.Task[None] | None:

@@ -169,6 +169,16 @@ async def sync(device: Device) -> None:
         pass
 
 
+async def metric(session: aiohttp.ClientSession, proc: GatewayProcess, name: str) -> float:
+    """One unlabelled sample of the gateway's /metrics."""
+    async with session.get(f"{proc.public_url}/metrics") as resp:
+        text = await resp.text()
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics:\n{text[:2000]}")
+
+
 def log_time(line: dict[str, Any]) -> float:
     return dt.datetime.fromisoformat(str(line["timestamp"])).timestamp()
 
@@ -355,6 +365,7 @@ async def test_kill_9_and_restart_lose_and_duplicate_no_event_with_event_acks(
             procs[0].kill()  # SIGKILL: no drain, no flush, no close frame
             procs.append(restart(procs[0], env, tmp_path / "second"))
             row = await wait_final(database_url, run_id)
+            duplicates = await metric(session, procs[1], "gateway_events_duplicate_total")
         code, _ = procs[1].stop()
     assert code == 0, procs[1].describe()
     assert row["status"] == "completed", (dict(row), procs[1].describe())
@@ -370,12 +381,15 @@ async def test_kill_9_and_restart_lose_and_duplicate_no_event_with_event_acks(
     assert [line["run_id"] for line in continued] == [run_id], sim
     assert continued[0]["last_seq"] == resumed[0]["last_seq"]
     assert not events_named(sim, "run_events_lost")
+    # Stored before the kill but not yet acked: sent again, acked, not stored again.
+    assert duplicates == continued[0]["already_there"], (duplicates, continued)
     detached_s = log_time(resumed[0]) - killed_at
     print(f"kill -9: {stored_at_kill} of {events} events stored at the kill; the run was "
           f"detached {detached_s:.2f} s (kill -9 to resume; {resumed[0]['detached_for_s']} s "
           f"of it after the restart's sweep); the simulator resent "
-          f"{continued[0]['resending']} events past last_seq {continued[0]['last_seq']}; "
-          f"0 lost, 0 duplicated")
+          f"{continued[0]['resending']} events past its last ack {continued[0]['acked']} "
+          f"(last_seq {continued[0]['last_seq']}: {duplicates:g} duplicates, acked and not "
+          f"stored again); 0 lost, 0 duplicated")
 
 
 async def test_a_drain_and_restart_lose_and_duplicate_no_event(
