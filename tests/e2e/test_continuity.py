@@ -49,15 +49,6 @@ POLL_S = 0.05
 # ---------------------------------------------------------------- helpers
 
 
-def abort(device: Device) -> None:
-    """Drop the device's TCP connection: no close frame, as when Wi-Fi goes.
-
-    aiohttp has no public way to drop a WebSocket without its close handshake."""
-    conn = device.ws._conn
-    assert conn is not None and conn.transport is not None
-    conn.transport.abort()
-
-
 async def run_row(database_url: str, run_id: str) -> asyncpg.Record:
     conn = await asyncpg.connect(database_url)
     try:
@@ -302,7 +293,7 @@ async def test_a_dropped_connection_resumes_2_s_later_and_the_run_completes(
             await sync(device)
             # These may or may not reach the gateway before the drop: last_seq says.
             await send_events(device, run_id, range(21, 41))
-            abort(device)
+            device.drop()
             detached = await wait_until(
                 lambda: _detached(database_url, run_id), "the run detached")
             await asyncio.sleep(2.0)
@@ -452,7 +443,7 @@ async def test_a_device_that_never_returns_leaves_the_run_error_after_the_window
             await send_events(device, run_id, range(1, 4))
             await sync(device)
             if how == "drop":
-                abort(device)
+                device.drop()
             elif how == "drain":
                 code, _ = await asyncio.to_thread(procs[0].stop)
                 assert code == 0, procs[0].describe()
@@ -500,7 +491,7 @@ async def test_resume_0_fails_the_run_at_once_as_revision_4(
                                           hello_extra={"capabilities": ["event_acks"]})
             await send_events(device, run_id, range(1, 4), with_seq=True)
             await sync(device)
-            abort(device)
+            device.drop()
             row = await wait_final(database_url, run_id, timeout=5.0)
             again = await hello(session, proc, "u-rev4", "laptop",
                                 hello_extra={"capabilities": ["event_acks"]})
