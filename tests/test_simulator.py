@@ -129,3 +129,38 @@ def test_bad_simulator_options_are_refused(flag: list[str],
         main(["device", "--device-id", "d", "--token", "t", *flag])
     assert exited.value.code == 2
     assert flag[0] in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("minted", [True, False])
+async def test_token_expiry_mints_a_new_token_only_when_the_simulator_minted_its_own(
+    make_gateway: MakeGateway, minted: bool
+) -> None:
+    """4001: a simulator that minted its token mints a new one and is back; one given a
+    token cannot get another, so it stops (1) instead of being refused forever."""
+    gw = await make_gateway(jwt_leeway_s=0)
+    fresh: list[str] = []
+
+    def mint_token() -> str:
+        fresh.append(mint("user-1"))
+        return fresh[-1]
+
+    task = asyncio.create_task(run_simulator(options(
+        gw, "expiring", token=mint("user-1", ttl_s=1),
+        mint_token=mint_token if minted else None)))
+    try:
+        await wait_connected(gw, "expiring")
+        first = gw.svc.registry.get("user-1", "expiring")
+        if minted:
+            def replaced_by_a_new_connection() -> bool:
+                current = gw.svc.registry.get("user-1", "expiring")
+                return current is not None and current is not first
+            await gw.wait_for(replaced_by_a_new_connection, timeout=10)
+            assert first is not None and first.close_code == CloseCode.TOKEN_EXPIRED
+            assert len(fresh) == 1 and not task.done()
+        else:
+            async with asyncio.timeout(10):
+                assert await task == 1
+            assert gw.svc.registry.get("user-1", "expiring") is None
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
