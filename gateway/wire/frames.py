@@ -110,6 +110,8 @@ def text_problem(raw: bytes | str, value: Any, *, envelope_levels: int = 1) -> s
             json.loads(raw, parse_int=_exact_int)
         except _BigInteger:
             return BIG_INTEGER
+        except (ValueError, RecursionError):  # orjson read it; its reading stands
+            return None
     return None
 
 
