@@ -4,6 +4,7 @@ This is the only module that reads the environment. Every option has one row
 in ``OPTIONS``: its environment variable (PROTOCOL.md §4), the matching flag,
 its parser and its default; ``--help`` and validation both come from there.
 A bad value is a ``ConfigError`` whose message is one line an operator can act on.
+It grows by one row per setting: the table is the one place each is described.
 """
 
 from __future__ import annotations
