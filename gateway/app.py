@@ -28,7 +28,8 @@ from gateway.device.endpoint import device_ws
 from gateway.device.registry import REGISTRY, Registry
 from gateway.device.sockets import DEVICE_SOCKETS, DeviceSockets
 from gateway.http import internal_api, ops
-from gateway.http.envelope import envelope, json_errors, route_miss
+from gateway.http.admission import KEEPALIVE_S, Admission
+from gateway.http.envelope import envelope, expect_continue, json_errors, route_miss
 from gateway.http.tls import ServerTls, reload_on_sighup
 from gateway.logs import AccessLogger, InternalAccessLogger
 from gateway.metrics import METRICS, Metrics
@@ -136,6 +137,7 @@ async def open_gateway(
         live = LiveEvents(capacity=settings.subscriber_buffer)
         writer = EventWriter(store=store, metrics=metrics, live=live,
                              queue_max=settings.event_queue_max,
+                             queue_max_bytes=settings.event_queue_max_bytes,
                              batch_max=settings.event_batch_max)
         tracking = Tracking()
         continuity = Continuity(store=store, tracking=tracking, live=live, metrics=metrics,
@@ -232,8 +234,10 @@ def build_internal_app(gw: Gateway) -> web.Application:
     app = web.Application(client_max_size=gw.settings.max_frame_bytes)
     _provide(app, gw)
     wrap = envelope(gw.service_tokens)
-    internal_api.add_routes(app, wrap=wrap)
-    app.router.add_route("*", "/{path:.*}", wrap(route_miss))  # last: only what is left
+    expect = expect_continue(gw.service_tokens)
+    internal_api.add_routes(app, wrap=wrap, expect=expect)
+    # last: only what is left
+    app.router.add_route("*", "/{path:.*}", wrap(route_miss), expect_handler=expect)
     return app
 
 
@@ -322,12 +326,18 @@ async def serve(
     async with open_gateway(settings, secrets, dsn) as gw:
         grace = handler_grace_s(settings)
         public = web.AppRunner(build_public_app(gw), access_log_class=AccessLogger,
-                               handle_signals=False, shutdown_timeout=grace)
+                               handle_signals=False, shutdown_timeout=grace,
+                               keepalive_timeout=KEEPALIVE_S)
         internal = web.AppRunner(build_internal_app(gw), access_log_class=InternalAccessLogger,
                                  handle_signals=False, shutdown_timeout=grace,
-                                 handler_cancellation=True)
+                                 handler_cancellation=True, keepalive_timeout=KEEPALIVE_S)
         await public.setup()
         await internal.setup()
+        admission = Admission.for_this_process(settings.header_timeout_s)
+        loop.set_exception_handler(admission.handle_loop_exception)
+        for runner in (public, internal):
+            assert runner.server is not None
+            admission.attach(runner.server)
         try:
             # A reconnect storm: aiohttp's default backlog of 128 drops SYNs, and each
             # dropped device waits out TCP's retransmission (1 s, 3 s, 7 s, …). The

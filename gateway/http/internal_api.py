@@ -17,7 +17,8 @@ from aiohttp.typedefs import Handler
 
 from gateway.device.connection import CallFailed, Connection
 from gateway.device.registry import REGISTRY
-from gateway.http.envelope import ApiError, json_response
+from gateway.http.envelope import ApiError, ExpectHandler, json_response
+from gateway.http.openapi import document_handler
 from gateway.http.streaming import stream_run_events
 from gateway.metrics import METRICS
 from gateway.runs.lifecycle import RUNS, RunAlreadyFinished, RunNotFound
@@ -25,7 +26,7 @@ from gateway.runs.tracking import parse_run_id
 from gateway.shutdown import SHUTDOWN
 from gateway.store import RUN_STATUSES, RunRecord, Store
 from gateway.wire import codes
-from gateway.wire.frames import id_problem, jsonb_problem
+from gateway.wire.frames import id_problem, jsonb_problem, text_problem
 
 log = structlog.get_logger(__name__)
 
@@ -37,6 +38,9 @@ MAX_HARD_TIMEOUT_S = 24 * 3600.0
 LIST_LIMIT_DEFAULT = 50
 LIST_LIMIT_MAX = 1000
 TOOL_NAME_MAX = 256
+# Event seqs are PostgreSQL integers; a larger ?after= failed in the query,
+# after the stream's 200 had gone out.
+MAX_SEQ = 2**31 - 1
 
 CALL_FAILURE_STATUS = {
     codes.DEVICE_DISCONNECTED: 503,
@@ -57,6 +61,8 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
         raise ApiError(400, codes.BAD_REQUEST, f"body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise ApiError(400, codes.BAD_REQUEST, "body must be a JSON object")
+    if problem := text_problem(raw, body):
+        raise ApiError(400, codes.BAD_REQUEST, f"body refused: {problem}")
     return body
 
 
@@ -113,7 +119,12 @@ def _parse_time(value: Any) -> dt.datetime:
         raise _bad("'scheduled_at' must be an ISO-8601 date-time") from None
     if moment.tzinfo is None:  # a time without an offset is read as UTC
         moment = moment.replace(tzinfo=dt.UTC)
-    return moment
+    try:
+        # In UTC here, so a time at the edge of Python's range (year 1 at +14:00)
+        # is refused now rather than failing as it is stored.
+        return moment.astimezone(dt.UTC)
+    except (OverflowError, ValueError):
+        raise _bad("'scheduled_at' is out of range") from None
 
 
 # ---------------------------------------------------------------- presence
@@ -259,19 +270,27 @@ async def run_events(request: web.Request) -> web.StreamResponse:
         after = int(after_text)
     except ValueError:
         raise _bad("'after' must be an integer") from None
-    if after < 0:
-        raise _bad("'after' must be 0 or more")
+    if not 0 <= after <= MAX_SEQ:
+        raise _bad(f"'after' must be 0-{MAX_SEQ}")
     await _record_or_404(request.app[RUNS].store, run_id)
     sse = "text/event-stream" in request.headers.get("Accept", "")
     return await stream_run_events(request, run_id, after=after, sse=sse)
 
 
-def add_routes(app: web.Application, *, wrap: Callable[[Handler], Handler]) -> None:
-    """The internal API's routes, each inside the listener's envelope ``wrap``."""
-    app.router.add_get(f"{PREFIX}/devices", wrap(list_devices))
-    app.router.add_post(f"{PREFIX}/tool-calls", wrap(create_tool_call))
-    app.router.add_post(f"{PREFIX}/runs", wrap(create_run))
-    app.router.add_get(f"{PREFIX}/runs", wrap(list_runs))
-    app.router.add_get(f"{PREFIX}/runs/{{run_id}}", wrap(get_run))
-    app.router.add_get(f"{PREFIX}/runs/{{run_id}}/events", wrap(run_events))
-    app.router.add_post(f"{PREFIX}/runs/{{run_id}}/cancel", wrap(cancel_run))
+def add_routes(app: web.Application, *, wrap: Callable[[Handler], Handler],
+               expect: ExpectHandler | None = None) -> None:
+    """The internal API's routes, each inside the listener's envelope ``wrap``.
+
+    Every route here is in gateway/openapi.json (tests/test_openapi.py checks).
+    ``expect`` answers ``Expect: 100-continue`` (aiohttp's default when None).
+    """
+    router = app.router
+    more: dict[str, Any] = {} if expect is None else {"expect_handler": expect}
+    router.add_get(f"{PREFIX}/openapi.json", wrap(document_handler()), **more)
+    router.add_get(f"{PREFIX}/devices", wrap(list_devices), **more)
+    router.add_post(f"{PREFIX}/tool-calls", wrap(create_tool_call), **more)
+    router.add_post(f"{PREFIX}/runs", wrap(create_run), **more)
+    router.add_get(f"{PREFIX}/runs", wrap(list_runs), **more)
+    router.add_get(f"{PREFIX}/runs/{{run_id}}", wrap(get_run), **more)
+    router.add_get(f"{PREFIX}/runs/{{run_id}}/events", wrap(run_events), **more)
+    router.add_post(f"{PREFIX}/runs/{{run_id}}/cancel", wrap(cancel_run), **more)

@@ -45,6 +45,9 @@ class EventWriter:
     metrics: Metrics
     live: LiveEvents
     queue_max: int = 20_000
+    # Bytes of event JSON buffered at most (one larger event is let in alone):
+    # 60 events of 3.5 MiB were 363 MiB under the count bound alone.
+    queue_max_bytes: int = 64 * 1024 * 1024
     batch_max: int = 2000
     # Told, after each commit, the highest seq stored per run in the batch
     # (acks under event_acks); must not wait for anything.
@@ -57,6 +60,11 @@ class EventWriter:
     _flush_waiters: list[tuple[int, asyncio.Future[None]]] = attrs.Factory(list)
     _stopping: bool = False
     _stopped: asyncio.Event = attrs.Factory(asyncio.Event)
+    # The size of each buffered event, oldest first, and their sum. ``run`` only
+    # counts commits (``_committed``); ``_buffered_bytes`` lets the committed ones go.
+    _sizes: collections.deque[int] = attrs.Factory(collections.deque)
+    _sizes_total: int = 0
+    _sizes_released: int = 0
 
     def __attrs_post_init__(self) -> None:
         self._has_room.set()
@@ -65,11 +73,22 @@ class EventWriter:
     def depth(self) -> int:
         return len(self._buffer)
 
+    def _buffered_bytes(self) -> int:
+        while self._sizes_released < self._committed and self._sizes:
+            self._sizes_total -= self._sizes.popleft()
+            self._sizes_released += 1
+        return self._sizes_total
+
     async def put(self, run_id: uuid.UUID, seq: int, data_json: str) -> None:
         """Queue one event; waits while the buffer is full (back-pressure)."""
-        while len(self._buffer) >= self.queue_max:
+        size = len(data_json)
+        while len(self._buffer) >= self.queue_max or (
+                self._buffer and self._buffered_bytes() + size > self.queue_max_bytes):
             self._has_room.clear()
             await self._has_room.wait()
+        self._buffered_bytes()
+        self._sizes.append(size)
+        self._sizes_total += size
         self._buffer.append((run_id, seq, data_json, dt.datetime.now(dt.UTC)))
         self._enqueued += 1
         self._has_work.set()
