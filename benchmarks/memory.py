@@ -60,7 +60,7 @@ async def measure(ctx: Context, n: int, snap_dir: Path) -> dict[str, Any]:
     before = await _snapshot(server, snap_dir / "before.snap")
     pipes = [ctx.spawn(load.idle_worker, {
         "ws_url": server.ws_url, "jwt_secret": server.jwt_secret, "tag": tag, "indices": r,
-        "devices_per_user": 16, "concurrency": 32, "agent_ids": ["stream"],
+        "devices_per_user": 4, "concurrency": 32, "agent_ids": ["stream"],
         "connect_timeout_s": 120 + n / 20, "hold_timeout_s": 600 + n / 20,
     })[1] for r in split(n, ctx.procs)]
     for pipe in pipes:

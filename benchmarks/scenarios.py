@@ -156,6 +156,7 @@ async def warm_up_devices(server: Server, tag: str, mint: load.TokenMinter) -> N
 
 
 CLIENTS = ("python", "node")
+DEVICES_PER_USER = 4
 
 
 def _client_label(client: str) -> str:
@@ -182,7 +183,9 @@ async def idle(ctx: Context, n: int, *, hold_s: float = 5.0, concurrency: int = 
     worker = load.node_worker if client == "node" else load.idle_worker
     pipes = [ctx.spawn(worker, {
         "ws_url": server.ws_url, "jwt_secret": server.jwt_secret, "tag": tag,
-        "indices": r, "devices_per_user": 16, "concurrency": concurrency,
+        # 4 per user: at most GATEWAY_MAX_HELLO_PENDING_PER_USER (8) of a user's
+        # sockets may await their hello at once, and a storm has them all waiting.
+        "indices": r, "devices_per_user": DEVICES_PER_USER, "concurrency": concurrency,
         # Like the simulator's default: one agent advertised, so each hello claims runs.
         "agent_ids": ["stream"],
         "connect_timeout_s": 60 + n / 50, "hold_timeout_s": 300 + n / 50 + hold_s,
