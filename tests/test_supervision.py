@@ -21,6 +21,7 @@ import orjson
 import pytest
 from aiohttp import web
 from harness import SERVICE_TOKEN, Device, Harness
+from reliability_table import record
 from structlog.testing import capture_logs
 
 from gateway.app import build_internal_app, watchdog_loop
@@ -30,14 +31,18 @@ from gateway.systemd import SystemdNotifier
 
 @attrs.frozen(eq=False)
 class FaultyStore(Store):
-    """The real store, but its next ``write_events`` calls raise ``faults`` first, in turn."""
+    """The real store, but its next ``write_events`` calls raise ``faults`` first, in turn;
+    ``faults_after`` are raised after the real write committed (the answer lost)."""
 
     faults: list[BaseException] = attrs.Factory(list)
+    faults_after: list[BaseException] = attrs.Factory(list)
 
     async def write_events(self, records: Any, last_seq_by_run: Any) -> None:
         if self.faults:
             raise self.faults.pop(0)
         await super().write_events(records, last_seq_by_run)
+        if self.faults_after:
+            raise self.faults_after.pop(0)
 
 
 async def start_run(gw: Harness, device: Device, agent_id: str = "agent-a") -> str:
@@ -106,6 +111,38 @@ async def test_writer_retries_a_connection_broken_mid_statement(
     assert "background_task_failed" not in events, events
     row = await run_row(database_url, run_id)
     assert row is not None and row["status"] == "completed", row
+    record("writer-1-broken-connection",
+           injected="event write fails with InternalClientError, ConnectionResetError, "
+                    "TimeoutError (in turn)",
+           inputs="1 run, 5 events", outcome="all 5 stored once, in order; run completed; "
+           "writer loop never restarted", test="test_writer_retries_a_connection_broken_mid_"
+           "statement")
+
+
+async def test_a_lost_commit_answer_is_not_a_duplicate(
+    make_gateway: Any, database_url: str
+) -> None:
+    """The connection breaks after the batch committed, before its answer: the retry meets
+    its own rows (a unique violation) and takes the batch as stored, dropping nothing."""
+    gw = await make_gateway()
+    store = FaultyStore(gw.svc.pool)
+    gw.svc.writer.store = store
+    device = await gw.device(agent_ids=["agent-a"])
+    run_id = await start_run(gw, device)
+    store.faults_after.append(asyncpg.InternalClientError("connection broke after commit"))
+    with capture_logs() as logs:
+        await send_events(device, run_id, range(1, 4))
+        await gw.wait_for(lambda: not store.faults_after and gw.svc.writer.depth == 0)
+        await send_events(device, run_id, range(4, 6))
+        await gw.wait_for(lambda: gw.svc.writer.depth == 0)
+    events = [entry["event"] for entry in logs]
+    assert "event_batch_already_stored" in events and "event_rows_dropped" not in events, events
+    assert await stored_events(database_url, run_id) == [(n, n) for n in range(1, 6)]
+    await device.expect_silence(0.2)  # no agent_cancel: the run goes on
+    record("writer-2-lost-commit-answer",
+           injected="connection breaks after the event batch committed, before its answer",
+           inputs="1 run, 5 events", outcome="retry sees its own rows; nothing dropped or "
+           "duplicated; run goes on", test="test_a_lost_commit_answer_is_not_a_duplicate")
 
 
 async def test_an_unclassified_writer_error_restarts_the_loop_with_its_buffer(
@@ -173,6 +210,12 @@ async def test_a_deleted_run_loses_only_its_own_events(
     row = await run_row(database_url, other)
     assert row is not None and (row["status"], row["event_count"]) == ("completed", 5)
     assert await readyz(gw) == (200, {"status": "ready", "devices": 2})
+    record("writer-3-deleted-run",
+           injected="a run deleted while its events wait in the writer's batch",
+           inputs="2 runs, 5 events each, in one batch",
+           outcome="other run's 5 stored in order and completed; deleted run's 5 dropped "
+           "(logged by seq, metric), agent_cancel to its device; both connections stay",
+           test="test_a_deleted_run_loses_only_its_own_events")
 
 
 async def test_a_refused_row_is_isolated_within_its_run(
@@ -206,6 +249,11 @@ async def test_a_refused_row_is_isolated_within_its_run(
     row = await run_row(database_url, run_id)
     assert row is not None and row["status"] == "error"
     assert "events could not be stored" in row["errors"]
+    record("writer-4-refused-row",
+           injected="a CHECK constraint refuses one event row of a batch",
+           inputs="1 run, 8 events in one batch",
+           outcome="7 stored in order, the refused one dropped (logged), run ended error",
+           test="test_a_refused_row_is_isolated_within_its_run")
 
 
 async def test_a_stalled_writer_turns_readyz_503(make_gateway: Any, database_url: str) -> None:
@@ -230,6 +278,10 @@ async def test_a_stalled_writer_turns_readyz_503(make_gateway: Any, database_url
     await gw.wait_for(lambda: gw.svc.writer.depth == 0)
     assert (await readyz(gw))[0] == 200
     assert await stored_events(database_url, run_id) == [(1, 1), (2, 2)]
+    record("writer-5-stalled",
+           injected="a table lock holds the event writer's INSERT (database still answers)",
+           inputs="1 run, 2 events", outcome="/readyz 503 naming event-writer while stalled, "
+           "200 after; events stored", test="test_a_stalled_writer_turns_readyz_503")
 
 
 # ---------------------------------------------------------------- item 3: one frame, one answer
@@ -291,6 +343,11 @@ async def test_a_failed_finish_run_is_answered_and_the_connection_stays(
     for run_id in (refused, other):
         row = await run_row(database_url, run_id)
         assert row is not None and (row["status"], row["event_count"]) == ("completed", 2)
+    record("frames-1-finish-run-fails",
+           injected="finish_run fails in the database (a trigger raises)",
+           inputs="1 device, 2 runs", outcome="agent_complete answered internal_error; "
+           "connection and other run unaffected; the resent agent_complete completes it",
+           test="test_a_failed_finish_run_is_answered_and_the_connection_stays")
 
 
 async def test_an_unexpected_handler_failure_is_answered_and_the_connection_stays(
@@ -314,6 +371,11 @@ async def test_an_unexpected_handler_failure_is_answered_and_the_connection_stay
     assert gw.svc.metrics.frame_handler_failures.labels("device_hello")._value.get() == 1
     await device.send({"type": "ping"})
     assert (await device.recv_type("pong")) == {"type": "pong"}
+    record("frames-2-handler-fails",
+           injected="a frame handler fails unexpectedly (device_hello's claim refused)",
+           inputs="1 device", outcome="one internal_error frame, frame_handler_failed logged "
+           "with traceback; connection stays",
+           test="test_an_unexpected_handler_failure_is_answered_and_the_connection_stays")
 
 
 # ---------------------------------------------------------------- item 3: callers that hang up
@@ -356,6 +418,10 @@ async def test_a_cancel_whose_caller_hangs_up_still_reaches_the_device(
     assert cancel["run_id"] == run_id
     row = await run_row(database_url, run_id)
     assert row is not None and row["status"] == "cancelled"
+    record("api-1-cancel-caller-gone",
+           injected="caller hangs up while POST /runs/{id}/cancel waits for its row",
+           inputs="1 running run", outcome="cancel committed and agent_cancel sent all the same",
+           test="test_a_cancel_whose_caller_hangs_up_still_reaches_the_device")
 
 
 async def test_a_create_whose_caller_hangs_up_is_dispatched_whole(
@@ -377,6 +443,10 @@ async def test_a_create_whose_caller_hangs_up_is_dispatched_whole(
     dispatched = await device.recv_type("agent_run")
     row = await run_row(database_url, dispatched["run_id"])
     assert row is not None and row["status"] == "running"
+    record("api-2-create-caller-gone",
+           injected="caller hangs up while POST /runs waits for the table",
+           inputs="1 run", outcome="run created and dispatched whole",
+           test="test_a_create_whose_caller_hangs_up_is_dispatched_whole")
 
 
 # ---------------------------------------------------------------- the internal envelope
@@ -435,3 +505,7 @@ async def test_the_watchdog_does_not_depend_on_the_database(
         await asyncio.gather(task, return_exceptions=True)
         notifier.close()
     assert b"WATCHDOG=1" in seen, seen
+    record("watchdog-1-database-down",
+           injected="every database call fails", inputs="6 watchdog intervals",
+           outcome="WATCHDOG=1 keeps coming (systemd restarts nothing)",
+           test="test_the_watchdog_does_not_depend_on_the_database")

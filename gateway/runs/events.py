@@ -244,13 +244,22 @@ class EventWriter:
         """
         last_seq = _last_seqs(batch)
         delay = RETRY_FIRST_S
+        retried = False
         while True:
             try:
                 await self.store.write_events(batch, last_seq)
                 return
+            except asyncpg.UniqueViolationError as exc:
+                if retried:
+                    # The connection broke after the commit, before its answer:
+                    # the statement is atomic, so the whole batch is stored.
+                    log.warning("event_batch_already_stored", batch=len(batch), error=repr(exc))
+                    return
+                raise PermanentWriteError(repr(exc)) from exc
             except PERMANENT_ERRORS as exc:
                 raise PermanentWriteError(repr(exc)) from exc
             except TRANSIENT_ERRORS as exc:
+                retried = True
                 # Never drop: keep the batch, back off, try again. Devices stay
                 # paused meanwhile because the buffer stays full.
                 self.metrics.db_errors.labels("write_events").inc()
