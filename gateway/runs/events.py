@@ -65,10 +65,11 @@ PERMANENT_ERRORS: tuple[type[Exception], ...] = (
     asyncpg.ProgramLimitExceededError,
     asyncpg_base.DataError,
 )
-# The same batch may succeed later: the connection broke (mid-statement asyncpg
-# raises InternalClientError, neither of the other two), the server restarts,
-# fails over or refuses connections for now, the network, a statement timeout.
-TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
+# Every database failure; any but the permanent ones is transient: the same batch
+# may succeed later. The connection broke (mid-statement asyncpg raises
+# InternalClientError, neither of the other two), the server restarts, fails
+# over or refuses connections for now, the network, a statement timeout.
+DATABASE_ERRORS: tuple[type[Exception], ...] = (
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
     asyncpg.InternalClientError,
@@ -258,7 +259,7 @@ class EventWriter:
                 raise PermanentWriteError(repr(exc)) from exc
             except PERMANENT_ERRORS as exc:
                 raise PermanentWriteError(repr(exc)) from exc
-            except TRANSIENT_ERRORS as exc:
+            except DATABASE_ERRORS as exc:
                 retried = True
                 # Never drop: keep the batch, back off, try again. Devices stay
                 # paused meanwhile because the buffer stays full.

@@ -17,7 +17,6 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-import asyncpg
 import attrs
 import orjson
 import structlog
@@ -25,7 +24,7 @@ from aiohttp import web
 
 from gateway.metrics import Metrics
 from gateway.runs.continuity import Continuity
-from gateway.runs.events import EventWriter
+from gateway.runs.events import DATABASE_ERRORS, EventWriter
 from gateway.runs.live import LiveEvents
 from gateway.runs.tracking import ActiveRun, RunTarget, Tracking, parse_run_id
 from gateway.store import RunRecord, Store
@@ -39,12 +38,9 @@ RUN_ERROR_EVENTS_LOST = "events could not be stored"
 # What a device hears when its agent_complete could not be written: the run
 # stays tracked, and the same agent_complete may be sent again.
 COMPLETE_FAILED = "the run's end could not be stored; send agent_complete again"
-# What a database call can fail with when the database, not the input, is at
-# fault (RuntimeError: the event writer has stopped, during a drain).
-STORE_ERRORS: tuple[type[Exception], ...] = (
-    asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError,
-    TimeoutError, RuntimeError,
-)
+# What ending a run can fail with when the database, not the frame, is at fault:
+# whatever the event writer retries, or the writer stopped (a drain).
+STORE_ERRORS: tuple[type[Exception], ...] = (*DATABASE_ERRORS, RuntimeError)
 
 
 class RunTargets(Protocol):
