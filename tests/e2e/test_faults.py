@@ -376,6 +376,7 @@ async def test_a_device_that_stops_reading_costs_only_itself(database_url: str,
             stuck_statuses = await stuck_calls
             answering.cancel()
             close_code = await stuck.expect_close(timeout=30)
+            proc.wait_for_event("device_disconnected", timeout=10)  # logged after its close
             disconnected = [line for line in proc.log_lines()
                             if line.get("event") == "device_disconnected"]
             assert [line["device_id"] for line in disconnected] == ["stuck"], disconnected
