@@ -152,9 +152,10 @@ HANDLERS: Final[dict[str, Handler]] = {
 
 
 async def dispatch(ctx: DeviceContext, raw: bytes | str) -> None:
-    """Handle one text frame; refusals become one ``error`` frame each."""
+    """Handle one text frame; refusals and failures become one ``error`` frame each."""
     conn = ctx.conn
     conn.frames_in += 1
+    frame_type: str | None = None  # known once the frame decoded
     try:
         frame = frames.decode(raw)
         handler = HANDLERS.get(frame.type)
@@ -162,14 +163,25 @@ async def dispatch(ctx: DeviceContext, raw: bytes | str) -> None:
             ctx.metrics.frame_in("unknown")
             log.debug("unknown_frame_type", frame_type=frame.type[:64])
             return
-        ctx.metrics.frame_in(frame.type)
+        frame_type = frame.type
+        ctx.metrics.frame_in(frame_type)
         await handler(ctx, frame)
     except FrameError as exc:
         await refuse(ctx, exc.code, exc.message, exc.ref)
     except RunRefused as exc:
         if exc.code != codes.BAD_FRAME:  # an unknown_run/run_finished answer may have cost a query
             ctx.costly.take()
-        await refuse(ctx, exc.code, exc.message, frame.type)
+        await refuse(ctx, exc.code, exc.message, frame_type)
+    except ConnectionGone:
+        raise  # the connection is ending anyway; its handler knows
+    except Exception as exc:
+        # A bug or a database fault in one handler: this frame is answered and
+        # the connection, with its other runs and calls, carries on.
+        ctx.metrics.frame_handler_failures.labels(frame_type or "undecoded").inc()
+        log.error("frame_handler_failed", frame_type=frame_type, error=repr(exc),
+                  exc_info=exc)
+        await refuse(ctx, codes.INTERNAL, "the gateway failed to handle this frame",
+                     frame_type)
 
 
 async def refuse(ctx: DeviceContext, code: str, message: str, ref: str | None) -> None:

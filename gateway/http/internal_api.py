@@ -7,8 +7,8 @@ import datetime as dt
 import math
 import time
 import uuid
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 import orjson
 import structlog
@@ -42,12 +42,39 @@ TOOL_NAME_MAX = 256
 # after the stream's 200 had gone out.
 MAX_SEQ = 2**31 - 1
 
+T = TypeVar("T")
+
 CALL_FAILURE_STATUS = {
     codes.DEVICE_DISCONNECTED: 503,
     codes.GATEWAY_SHUTDOWN: 503,
     codes.TIMEOUT: 504,
     codes.TOO_MANY_CALLS: 429,
 }
+
+
+# ---------------------------------------------------------------- side effects
+
+
+async def _to_the_end(coro: Coroutine[Any, Any, T], what: str) -> T:
+    """Run ``coro`` to its end even when the caller hangs up meanwhile.
+
+    The internal listener cancels a handler whose caller went away. A create or
+    a cancel interrupted between its commit and what follows it (dispatching
+    the run, telling the device) would leave a run `running` that no device
+    feeds, or a cancelled run its device keeps feeding. So the work runs as
+    its own task, which the cancelled handler still waits for.
+    """
+    task = asyncio.ensure_future(coro)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        try:
+            await task
+        except Exception as exc:  # nobody is left to answer: the log is the answer
+            log.warning("caller_gone_request_failed", request=what, error=repr(exc))
+        else:
+            log.info("caller_gone_request_completed", request=what)
+        raise
 
 
 # ---------------------------------------------------------------- input helpers
@@ -216,8 +243,9 @@ async def create_run(request: web.Request) -> web.Response:
     scheduled_at = body.get("scheduled_at")
     moment = _parse_time(scheduled_at) if scheduled_at is not None else None
     assert user_id is not None and agent_id is not None
-    record = await request.app[RUNS].create(user_id=user_id, agent_id=agent_id, device_id=device_id,
-                                   input_value=input_value, scheduled_at=moment)
+    record = await _to_the_end(request.app[RUNS].create(
+        user_id=user_id, agent_id=agent_id, device_id=device_id, input_value=input_value,
+        scheduled_at=moment), "create_run")
     return json_response(record.as_json(), status=201)
 
 
@@ -253,7 +281,7 @@ async def list_runs(request: web.Request) -> web.Response:
 async def cancel_run(request: web.Request) -> web.Response:
     run_id = _run_id(request)
     try:
-        record = await request.app[RUNS].cancel(run_id)
+        record = await _to_the_end(request.app[RUNS].cancel(run_id), "cancel_run")
     except RunNotFound:
         raise ApiError(404, codes.RUN_NOT_FOUND, "no such run") from None
     except RunAlreadyFinished as exc:
