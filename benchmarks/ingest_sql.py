@@ -37,6 +37,7 @@ import orjson
 import structlog
 
 from gateway.migrate import apply_migrations, default_migrations_dir
+from gateway.store import EVENT_COLUMNS, UPDATE_EVENT_COUNTS
 
 INSERT_EVENTS = """
 WITH stored AS (
@@ -103,9 +104,8 @@ async def write_unnest(conn: asyncpg.Connection, table: str, batch: Batch,
 async def write_copy(conn: asyncpg.Connection, table: str, batch: Batch,
                      last: dict[uuid.UUID, int]) -> None:
     async with conn.transaction():
-        await conn.copy_records_to_table(
-            table, records=batch, columns=["run_id", "seq", "data", "received_at"])
-        await conn.execute(UPDATE_ONLY, list(last), list(last.values()))
+        await conn.copy_records_to_table(table, records=batch, columns=EVENT_COLUMNS)
+        await conn.fetch(UPDATE_EVENT_COUNTS, list(last), list(last.values()))
 
 
 async def write_insert_only(conn: asyncpg.Connection, table: str, batch: Batch,

@@ -5,7 +5,10 @@
 -- What the key checked, dispatch already guarantees: the gateway stores an
 -- event only for a run it tracks as running on that device, and it tracks a
 -- run only after the UPDATE that dispatched, claimed or resumed it returned
--- its row. Runs are deleted only by retention, which deletes a finished run's
+-- its row. A run deleted while its events are being written is still caught:
+-- each batch's event_count UPDATE must find every run of the batch, in the
+-- same transaction, or the batch fails as the key made it fail
+-- (gateway/store.py, Store.write_events). Runs are deleted only by retention, which deletes a finished run's
 -- events first and then only runs with no events left (gateway/store.py), and
 -- never touches a running run. Without ON DELETE CASCADE, a run deleted by
 -- hand leaves its events behind: delete them first
