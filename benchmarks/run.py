@@ -319,7 +319,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
 
 COMPARE_FULL: list[tuple[str, dict[str, Any]]] = [
     ("idle", {"n": 1000}), ("idle", {"n": 10_000}), ("storm", {"n": 10_000}),
-    ("fleet", {"n": 19_500}), ("calls", {"c": 32, "s": 10.0}),
+    ("fleet", {"n": 18_500}), ("calls", {"c": 32, "s": 10.0}),
     ("ingest", {"k": 10, "m": 5000, "b": 200}), ("cleanup", {}),
 ]
 COMPARE_QUICK: list[tuple[str, dict[str, Any]]] = [
