@@ -15,6 +15,8 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from gateway.cluster.peers import PEER_PREFIX, PEERS, PeerFailed, PeerUnreachable
+from gateway.cluster.presence import PRESENCE
 from gateway.device.connection import CallFailed, Connection
 from gateway.device.registry import REGISTRY
 from gateway.http.envelope import ApiError, json_response
@@ -130,15 +132,29 @@ def _device_json(conn: Connection) -> dict[str, Any]:
 
 
 async def list_devices(request: web.Request) -> web.Response:
+    """Ours from the registry (exact, no lag), the other live processes' from presence."""
     user_id = _query_id(request, "user_id")
     conns = [c for c in request.app[REGISTRY].devices_of(user_id) if not c.closing]
-    return json_response({"devices": [_device_json(c) for c in conns]})
+    devices = [_device_json(c) for c in conns]
+    local = {c.device_id for c in conns}
+    elsewhere = await request.app[PRESENCE].elsewhere(user_id)
+    devices += [row.as_json() for row in reversed(elsewhere) if row.device_id not in local]
+    return json_response({"devices": devices})
 
 
 # ---------------------------------------------------------------- tool calls
 
 
-async def create_tool_call(request: web.Request) -> web.Response:
+async def create_tool_call(request: web.Request) -> web.StreamResponse:
+    return await _tool_call(request, forward=True)
+
+
+async def peer_tool_call(request: web.Request) -> web.StreamResponse:
+    """A sibling process forwards a call for a device we hold; never forwarded again."""
+    return await _tool_call(request, forward=False)
+
+
+async def _tool_call(request: web.Request, *, forward: bool) -> web.StreamResponse:
     if request.app[SHUTDOWN].draining:
         raise ApiError(503, codes.GATEWAY_SHUTDOWN, "the gateway is shutting down")
     body = await _json_body(request)
@@ -160,7 +176,13 @@ async def create_tool_call(request: web.Request) -> web.Response:
     assert user_id is not None
 
     metrics = request.app[METRICS]
+    # Our own registry first: a local device costs no database round trip.
     conn = request.app[REGISTRY].pick(user_id, device_id)
+    if conn is None and forward:
+        row = await request.app[PRESENCE].locate(user_id, device_id)
+        if row is not None and row.advertise_url:
+            return await _forward_call(request, row.advertise_url, row.instance_id,
+                                       {**body, "device_id": row.device_id}, max_timeout_s)
     if conn is None:
         metrics.tool_calls.labels(codes.DEVICE_OFFLINE).inc()
         raise ApiError(404, codes.DEVICE_OFFLINE, "no connected device for this user"
@@ -189,6 +211,40 @@ async def create_tool_call(request: web.Request) -> web.Response:
     else:
         answer["error"] = {"code": result.error_code, "message": result.error_message}
     return json_response(answer)
+
+
+async def _forward_call(request: web.Request, url: str, instance_id: str,
+                        body: dict[str, Any], max_timeout_s: float) -> web.Response:
+    """The owner's answer, verbatim. Cancelled with us (caller gone): so is its handler."""
+    started = time.perf_counter()
+    outcome = "forwarded"
+    try:
+        answer = await request.app[PEERS].tool_call(url, body, max_timeout_s)
+    except PeerUnreachable:
+        outcome = codes.DEVICE_OFFLINE
+        raise ApiError(404, codes.DEVICE_OFFLINE, "the device's gateway process cannot be "
+                       "reached", device_id=body["device_id"]) from None
+    except PeerFailed:
+        outcome = codes.DEVICE_DISCONNECTED
+        raise ApiError(503, codes.DEVICE_DISCONNECTED, "the device's gateway process went "
+                       "away during the call", device_id=body["device_id"]) from None
+    except asyncio.CancelledError:
+        outcome = "caller_gone"
+        raise
+    finally:
+        elapsed = time.perf_counter() - started
+        log.info("tool_call_forwarded", user_id=body["user_id"], device_id=body["device_id"],
+                 instance_id=instance_id, outcome=outcome, duration_ms=round(elapsed * 1000, 2))
+    return web.Response(status=answer.status, body=answer.body,
+                        content_type=answer.content_type.split(";")[0])
+
+
+async def peer_dispatch_run(request: web.Request) -> web.Response:
+    """A sibling process created a due run for a device we hold: dispatch it here."""
+    record = await request.app[RUNS].dispatch_here(_run_id(request))
+    if record is None:
+        raise ApiError(404, codes.DEVICE_OFFLINE, "no fitting device here, or not pending")
+    return json_response(record.as_json())
 
 
 # ---------------------------------------------------------------- runs
@@ -275,3 +331,6 @@ def add_routes(app: web.Application, *, wrap: Callable[[Handler], Handler]) -> N
     app.router.add_get(f"{PREFIX}/runs/{{run_id}}", wrap(get_run))
     app.router.add_get(f"{PREFIX}/runs/{{run_id}}/events", wrap(run_events))
     app.router.add_post(f"{PREFIX}/runs/{{run_id}}/cancel", wrap(cancel_run))
+    # Between gateway processes (PROTOCOL.md §5), same service tokens.
+    app.router.add_post(f"{PEER_PREFIX}/tool-calls", wrap(peer_tool_call))
+    app.router.add_post(f"{PEER_PREFIX}/runs/{{run_id}}/dispatch", wrap(peer_dispatch_run))
