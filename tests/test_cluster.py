@@ -72,7 +72,7 @@ async def test_a_replaced_connection_never_deletes_its_successors_row(
     assert await first.expect_close() == 4000
     await a.wait_for(lambda: len(a.svc.registry) == 1)
     await asyncio.sleep(0.1)  # the first connection's cleanup has run
-    status, body = await b.api("GET", "/devices?user_id=u1")
+    _status, body = await b.api("GET", "/devices?user_id=u1")
     assert [d["device_id"] for d in body["devices"]] == ["d1"], body
 
 
@@ -151,7 +151,7 @@ async def test_caller_gone_cancels_the_owner_and_the_device_hears_it(
 
 
 async def test_offline_everywhere_is_404(make_gateway: Any) -> None:
-    a, b = await two(make_gateway)
+    _a, b = await two(make_gateway)
     status, body = await answer(call(b, device_id="nowhere"))
     assert status == 404 and body["error"] == "device_offline", body
 
@@ -229,7 +229,7 @@ async def test_events_elsewhere_are_announced_once_per_batch_per_run(
         make_gateway: Any) -> None:
     a, _ = await two(make_gateway)
     device = await a.device("u1", "d1", agent_ids=["agent"])
-    status, run = await a.api("POST", "/runs", {"user_id": "u1", "agent_id": "agent"})
+    _status, run = await a.api("POST", "/runs", {"user_id": "u1", "agent_id": "agent"})
     await device.recv_type("agent_run")
     for n in range(200):
         await device.send({"type": "agent_data", "run_id": run["run_id"], "data": n})
@@ -268,7 +268,7 @@ async def test_listener_reestablished_after_its_connection_is_killed(
 async def test_hello_elsewhere_replaces_and_resumes_the_runs(make_gateway: Any) -> None:
     a, b = await two(make_gateway)
     first = await a.device("u1", "d1", agent_ids=["agent"])
-    status, run = await a.api("POST", "/runs", {"user_id": "u1", "agent_id": "agent"})
+    _, run = await a.api("POST", "/runs", {"user_id": "u1", "agent_id": "agent"})
     await first.recv_type("agent_run")
     await first.send({"type": "agent_data", "run_id": run["run_id"], "data": "one"})
     await a.wait_for(lambda: a.svc.writer.depth == 0)
@@ -280,7 +280,7 @@ async def test_hello_elsewhere_replaces_and_resumes_the_runs(make_gateway: Any) 
     await second.send({"type": "agent_data", "run_id": run["run_id"], "data": "two"})
     await second.send({"type": "agent_complete", "run_id": run["run_id"]})
     await b.wait_for(lambda: len(b.svc.runs.tracking.run_ids()) == 0)
-    status, record = await a.api("GET", f"/runs/{run['run_id']}")
+    _status, record = await a.api("GET", f"/runs/{run['run_id']}")
     assert record["status"] == "completed" and record["event_count"] == 2, record
     assert record["gateway_instance"] == "gw-b", record
 
@@ -289,14 +289,14 @@ async def test_dead_process_is_reaped_and_its_runs_resume_elsewhere(
         make_gateway: Any, database_url: str) -> None:
     a, b = await two(make_gateway, instance_ttl_s=0.6)
     device = await a.device("u1", "d1", agent_ids=["agent"])
-    status, run = await a.api("POST", "/runs", {"user_id": "u1", "agent_id": "agent"})
+    _, run = await a.api("POST", "/runs", {"user_id": "u1", "agent_id": "agent"})
     await device.recv_type("agent_run")
     # a stops beating (a process frozen or killed): b reaps it.
     a.svc.tasks._loops["presence-heartbeat"].task.cancel()  # type: ignore[union-attr]
     deadline = time.monotonic() + 10
     while True:
-        status, body = await b.api("GET", "/devices?user_id=u1")
-        status, record = await b.api("GET", f"/runs/{run['run_id']}")
+        _, body = await b.api("GET", "/devices?user_id=u1")
+        _status, record = await b.api("GET", f"/runs/{run['run_id']}")
         if not body["devices"] and record["detached_at"] is not None:
             break
         assert time.monotonic() < deadline, (body, record)
@@ -312,7 +312,7 @@ async def test_two_processes_racing_claim_each_run_once(make_gateway: Any) -> No
     a, b = await two(make_gateway)
     ids = []
     for _ in range(20):
-        status, run = await a.api("POST", "/runs", {"user_id": "u1", "agent_id": "agent"})
+        _status, run = await a.api("POST", "/runs", {"user_id": "u1", "agent_id": "agent"})
         assert run["status"] == "pending"
         ids.append(run["run_id"])
     one, other = await asyncio.gather(a.device("u1", "d1", agent_ids=["agent"]),
