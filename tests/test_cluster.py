@@ -326,3 +326,22 @@ async def test_two_processes_racing_claim_each_run_once(make_gateway: Any) -> No
                 break
             got.append(frame["run_id"])
     assert sorted(got) == sorted(ids)
+
+
+async def test_a_call_follows_a_device_that_moved_since_the_last_call(
+        make_gateway: Any) -> None:
+    """b remembers where d1 was (a); d1 moves to c; b's next call still reaches it."""
+    a, b = await two(make_gateway)
+    c = await make_gateway(instance_id="gw-c")
+    first = await a.device("u1", "d1")
+    task = call(b, device_id="d1")
+    frame = await first.recv_type("tool_call")
+    await first.send({"type": "tool_result", "id": frame["id"], "result": 1})
+    assert (await answer(task))[0] == 200
+    moved = await c.device("u1", "d1")
+    assert await first.expect_close() == 4000
+    task = call(b, device_id="d1")
+    frame = await moved.recv_type("tool_call")
+    await moved.send({"type": "tool_result", "id": frame["id"], "result": 2})
+    status, body = await answer(task)
+    assert status == 200 and body["result"] == 2, body

@@ -34,6 +34,12 @@ log = structlog.get_logger(__name__)
 # (close it with 4000, detach its runs) before it resumes them.
 RELEASE_WAIT_S = 2.0
 RELEASE_POLL_S = 0.02
+# Where a remote device was found is remembered this long, so a stream of
+# forwarded calls costs no database round trip each. A device that moved
+# meanwhile is answered 404 by its old process (peer routes never forward), and
+# the caller looks again with ``fresh=True``.
+LOCATE_CACHE_S = 1.0
+LOCATE_CACHE_MAX = 10_000
 
 
 class Held(Protocol):
@@ -63,6 +69,7 @@ class Presence:
     detach_dead_runs: bool = True
     advertise_url: str | None = None
     beats: int = 0
+    _located: dict[tuple[str, str | None], tuple[float, PresenceRow]] = attrs.Factory(dict)
 
     @property
     def heartbeat_s(self) -> float:
@@ -139,12 +146,27 @@ class Presence:
         return await self.store.elsewhere(user_id, instance_id=self.instance_id,
                                           ttl_s=self.ttl_s)
 
-    async def locate(self, user_id: str, device_id: str | None) -> PresenceRow | None:
-        """The named device (or the user's newest) on another live process."""
+    async def locate(self, user_id: str, device_id: str | None, *,
+                     fresh: bool = False) -> tuple[PresenceRow | None, bool]:
+        """The named device (or the user's newest) on another live process, and
+        whether that answer came from the short cache (see LOCATE_CACHE_S)."""
+        key = (user_id, device_id)
+        now = asyncio.get_running_loop().time()
+        cached = self._located.get(key)
+        if cached is not None and not fresh and cached[0] > now:
+            return cached[1], True
+        found = None
         for row in await self.elsewhere(user_id):
             if device_id is None or row.device_id == device_id:
-                return row
-        return None
+                found = row
+                break
+        if found is None:
+            self._located.pop(key, None)
+        else:
+            if len(self._located) >= LOCATE_CACHE_MAX:
+                self._located.clear()
+            self._located[key] = (now + LOCATE_CACHE_S, found)
+        return found, False
 
     async def locate_agent(self, user_id: str, agent_id: str,
                            device_id: str | None) -> PresenceRow | None:

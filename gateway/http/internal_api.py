@@ -25,7 +25,7 @@ from gateway.metrics import METRICS
 from gateway.runs.lifecycle import RUNS, RunAlreadyFinished, RunNotFound
 from gateway.runs.tracking import parse_run_id
 from gateway.shutdown import SHUTDOWN
-from gateway.store import RUN_STATUSES, RunRecord, Store
+from gateway.store import RUN_STATUSES, PresenceRow, RunRecord, Store
 from gateway.wire import codes
 from gateway.wire.frames import id_problem, jsonb_problem
 
@@ -179,10 +179,20 @@ async def _tool_call(request: web.Request, *, forward: bool) -> web.StreamRespon
     # Our own registry first: a local device costs no database round trip.
     conn = request.app[REGISTRY].pick(user_id, device_id)
     if conn is None and forward:
-        row = await request.app[PRESENCE].locate(user_id, device_id)
-        if row is not None and row.advertise_url:
-            return await _forward_call(request, row.advertise_url, row.instance_id,
-                                       {**body, "device_id": row.device_id}, max_timeout_s)
+        presence = request.app[PRESENCE]
+        row, cached = await presence.locate(user_id, device_id)
+        if row is not None:
+            forwarded = await _forward_call(request, row, body, max_timeout_s)
+            if cached and (forwarded is None or forwarded.status == 404):
+                # Remembered, and gone from there: it may have moved on. Look once more.
+                row, _ = await presence.locate(user_id, device_id, fresh=True)
+                forwarded = (await _forward_call(request, row, body, max_timeout_s)
+                             if row is not None else None)
+            if forwarded is not None:
+                return forwarded
+            metrics.tool_calls.labels(codes.DEVICE_OFFLINE).inc()
+            raise ApiError(404, codes.DEVICE_OFFLINE, "the device's gateway process cannot "
+                           "be reached", device_id=device_id)
     if conn is None:
         metrics.tool_calls.labels(codes.DEVICE_OFFLINE).inc()
         raise ApiError(404, codes.DEVICE_OFFLINE, "no connected device for this user"
@@ -213,28 +223,35 @@ async def _tool_call(request: web.Request, *, forward: bool) -> web.StreamRespon
     return json_response(answer)
 
 
-async def _forward_call(request: web.Request, url: str, instance_id: str,
-                        body: dict[str, Any], max_timeout_s: float) -> web.Response:
-    """The owner's answer, verbatim. Cancelled with us (caller gone): so is its handler."""
+async def _forward_call(request: web.Request, row: PresenceRow, body: dict[str, Any],
+                        max_timeout_s: float) -> web.Response | None:
+    """The owner's answer, verbatim; None when it cannot be reached (nothing delivered).
+
+    Cancelled with us (the caller went away): so is the request, and the
+    owner's handler, which sends tool_cancel caller_gone.
+    """
+    if not row.advertise_url:
+        return None
     started = time.perf_counter()
     outcome = "forwarded"
     try:
-        answer = await request.app[PEERS].tool_call(url, body, max_timeout_s)
+        answer = await request.app[PEERS].tool_call(
+            row.advertise_url, {**body, "device_id": row.device_id}, max_timeout_s)
     except PeerUnreachable:
-        outcome = codes.DEVICE_OFFLINE
-        raise ApiError(404, codes.DEVICE_OFFLINE, "the device's gateway process cannot be "
-                       "reached", device_id=body["device_id"]) from None
+        outcome = "unreachable"
+        return None
     except PeerFailed:
         outcome = codes.DEVICE_DISCONNECTED
         raise ApiError(503, codes.DEVICE_DISCONNECTED, "the device's gateway process went "
-                       "away during the call", device_id=body["device_id"]) from None
+                       "away during the call", device_id=row.device_id) from None
     except asyncio.CancelledError:
         outcome = "caller_gone"
         raise
     finally:
         elapsed = time.perf_counter() - started
-        log.info("tool_call_forwarded", user_id=body["user_id"], device_id=body["device_id"],
-                 instance_id=instance_id, outcome=outcome, duration_ms=round(elapsed * 1000, 2))
+        log.info("tool_call_forwarded", user_id=row.user_id, device_id=row.device_id,
+                 instance_id=row.instance_id, outcome=outcome,
+                 duration_ms=round(elapsed * 1000, 2))
     return web.Response(status=answer.status, body=answer.body,
                         content_type=answer.content_type.split(";")[0])
 
