@@ -278,3 +278,49 @@ async def test_workers_2_one_command_one_port_both_serve(database_url: str,
             await extra.close()
         notify.close()
         proc.kill()
+
+
+async def test_dev_mode_workers_share_one_embedded_database(tmp_path: Path) -> None:
+    """No database configured, --workers 2: one command, one embedded PostgreSQL, the
+    dev secrets work against both workers, and a call reaches a device on either."""
+    data_dir = tmp_path / "data"
+    public_port, internal_port = free_ports(2)
+    proc = start_gateway({"GATEWAY_DATA_DIR": str(data_dir), "GATEWAY_WORKERS": "2"},
+                         log_dir=tmp_path, public_port=public_port,
+                         internal_port=internal_port)
+    sessions: list[aiohttp.ClientSession] = []
+    try:
+        proc.wait_ready(60)
+        secrets = orjson.loads((data_dir / "dev-secrets.json").read_bytes())
+        token = mint_token("dev-user", secret=secrets["jwt_secret"])
+        devices = []
+        for n in range(8):
+            sessions.append(aiohttp.ClientSession())
+            devices.append(await connect_device(sessions[-1], proc.ws_url, token=token,
+                                                user_id="dev-user", device_id=f"d{n}"))
+        async with aiohttp.ClientSession() as session:
+            status, body = await call_api(session, "GET",
+                                          f"{proc.internal_url}/devices?user_id=dev-user",
+                                          token=secrets["internal_token"])
+            assert status == 200, body
+            assert sorted(d["device_id"] for d in body["devices"]) == [f"d{n}" for n in range(8)]
+            for n, device in enumerate(devices):
+                task = asyncio.create_task(call_api(
+                    session, "POST", f"{proc.internal_url}/tool-calls",
+                    {"user_id": "dev-user", "device_id": f"d{n}", "tool": "t"},
+                    token=secrets["internal_token"]))
+                call = await device.recv_type("tool_call")
+                await device.send({"type": "tool_result", "id": call["id"], "result": n})
+                assert (await task)[0] == 200
+            for device in devices:
+                await device.close()
+        code, _ = proc.stop()
+        assert code == 0, proc.describe()
+        instances = {line.get("instance_id") for line in proc.log_lines()
+                     if line.get("event") == "worker_ready" or line.get("event") ==
+                     "worker_started"}
+        assert len(instances - {None}) == 2, instances
+    finally:
+        for extra in sessions:
+            await extra.close()
+        proc.kill()
