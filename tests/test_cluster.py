@@ -9,11 +9,14 @@ runs the same through real processes).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+import urllib.parse
 from typing import Any
 
 import asyncpg
 import orjson
+import pytest
 from harness import SERVICE_TOKEN, Harness
 
 ANSWER_WITHIN_S = 5.0
@@ -345,3 +348,76 @@ async def test_a_call_follows_a_device_that_moved_since_the_last_call(
     await moved.send({"type": "tool_result", "id": frame["id"], "result": 2})
     status, body = await answer(task)
     assert status == 200 and body["result"] == 2, body
+
+
+class FreezingProxy:
+    """TCP on 127.0.0.1 → PostgreSQL's unix socket; ``freeze`` makes the connections so far
+    go silent (nothing forwarded, nothing closed), as a dropped network path does."""
+
+    def __init__(self, socket_path: str) -> None:
+        self.socket_path = socket_path
+        self.frozen: list[asyncio.Event] = []
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_unix_connection(self.socket_path)
+        frozen = asyncio.Event()
+        self.frozen.append(frozen)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            while data := await src.read(65536):
+                if frozen.is_set():
+                    await asyncio.Event().wait()  # silent for ever
+                dst.write(data)
+                await dst.drain()
+
+        with contextlib.suppress(Exception):
+            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    def freeze(self) -> None:
+        for frozen in self.frozen:
+            frozen.set()
+
+    async def close(self) -> None:
+        assert self.server is not None
+        self.server.close()
+
+
+async def test_a_silently_dead_listener_is_detected_and_replaced(
+        make_gateway: Any, database_url: str) -> None:
+    """The LISTEN connection's network path goes silent (no FIN, no RST): the probe
+    notices, a new connection is made, and a cancel through b still reaches a's device."""
+    url = urllib.parse.urlsplit(database_url)
+    query = urllib.parse.parse_qs(url.query)
+    if not query.get("host", [""])[0].startswith("/"):
+        pytest.skip("the proxy forwards to a unix-socket PostgreSQL (the embedded one)")
+    socket_path = f"{query['host'][0]}/.s.PGSQL.{query.get('port', ['5432'])[0]}"
+    proxy = FreezingProxy(socket_path)
+    await proxy.start()
+    try:
+        a, b = await two(make_gateway)
+        notifications = a.svc.notifications
+        await a.wait_for(lambda: notifications.connected.is_set())
+        notifications.dsn = f"postgresql://postgres@127.0.0.1:{proxy.port}{url.path}"
+        conn = await asyncpg.connect(database_url)
+        try:  # its next connection goes through the proxy
+            await conn.execute("SELECT pg_terminate_backend($1)", notifications.backend_pid)
+        finally:
+            await conn.close()
+        await a.wait_for(lambda: notifications.connections == 2, timeout=10)
+        proxy.freeze()
+        await a.wait_for(lambda: notifications.connections == 3, timeout=15)
+
+        device = await a.device("u1", "d1", agent_ids=["agent"])
+        _, run = await b.api("POST", "/runs", {"user_id": "u1", "agent_id": "agent"})
+        await device.recv_type("agent_run")
+        status, _ = await b.api("POST", f"/runs/{run['run_id']}/cancel")
+        assert status == 200
+        await device.recv_type("agent_cancel")
+    finally:
+        await proxy.close()
