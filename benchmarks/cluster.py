@@ -119,14 +119,15 @@ async def latency(db: Database, run_dir: Path, calls: int) -> dict[str, Any]:
             forwarded, fwd_req = await http_client(f"{b.internal_base}/tool-calls", body,
                                                    keys.service)
             times: dict[str, list[float]] = {"local": [], "forwarded": []}
-            for n in range(calls + 200):
+            warmup = min(200, calls)
+            for n in range(calls + warmup):
                 for name, client, request in (("local", local, local_req),
                                               ("forwarded", forwarded, fwd_req)):
                     started = time.perf_counter()
                     status, answer = await asyncio.wait_for(client.request(request), 10)
                     if status != 200:
                         raise RuntimeError(f"{name} call: {status} {answer[:200]!r}")
-                    if n >= 200:  # the first ones warm up both processes
+                    if n >= warmup:  # the first ones warm up both processes
                         times[name].append(time.perf_counter() - started)
             figures: dict[str, Any] = {
                 name: latency_figures(values) for name, values in times.items()}
@@ -300,7 +301,7 @@ def _busy_cores(before: Any, elapsed: float) -> float:
 # ---------------------------------------------------------------- NOTIFY alone
 
 
-async def notify_rate(dsn: str) -> dict[str, Any]:
+async def notify_rate(dsn: str, seconds: float) -> dict[str, Any]:
     heard = 0
 
     def on(*_: Any) -> None:
@@ -310,7 +311,7 @@ async def notify_rate(dsn: str) -> dict[str, Any]:
     listener = await asyncpg.connect(dsn)
     await listener.add_listener("bench_notify", on)
     conns = [await asyncpg.connect(dsn) for _ in range(NOTIFY_CONNECTIONS)]
-    deadline = time.monotonic() + NOTIFY_SECONDS
+    deadline = time.monotonic() + seconds
     sent = 0
 
     async def loop(conn: asyncpg.Connection) -> None:
@@ -341,7 +342,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             result[f"workers_{workers}"] = await throughput(db, run_dir, workers, args.seconds,
                                                             args.events)
         print("NOTIFY rate", file=sys.stderr)
-        result["notify"] = await notify_rate(db.dsn)
+        result["notify"] = await notify_rate(db.dsn, args.notify_seconds)
         return result
     finally:
         db.close()
@@ -352,6 +353,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=2000, help="sequential calls per side")
     parser.add_argument("--seconds", type=float, default=5.0, help="tool-call window")
     parser.add_argument("--events", type=int, default=4000, help="events per device")
+    parser.add_argument("--notify-seconds", type=float, default=NOTIFY_SECONDS)
     parser.add_argument("--database-url", default=None)
     args = parser.parse_args()
     print(orjson.dumps(asyncio.run(main_async(args))).decode())
