@@ -112,6 +112,12 @@ class Device:
     async def close(self) -> None:
         await self.ws.close()
 
+    def drop(self) -> None:
+        """Lose the TCP connection: no close frame (a Wi-Fi blip, a sleeping laptop)."""
+        connection = self.ws._response.connection
+        assert connection is not None and connection.transport is not None
+        connection.transport.abort()
+
 
 @attrs.define(eq=False)
 class Harness:
@@ -132,14 +138,16 @@ class Harness:
                                             autoping=True, **kwargs)
 
     async def device(self, user_id: str = "user-1", device_id: str = "device-1",
-                     agent_ids: list[str] | None = None, *, token: str | None = None
-                     ) -> Device:
+                     agent_ids: list[str] | None = None, *, token: str | None = None,
+                     capabilities: list[str] | None = None) -> Device:
         """A connected device that said hello and got its hello_ack."""
         ws = await self.connect(token or mint(user_id))
         device = Device(ws, user_id, device_id)
         hello: dict[str, Any] = {"type": "device_hello", "device_id": device_id}
         if agent_ids is not None:
             hello["agent_ids"] = agent_ids
+        if capabilities is not None:
+            hello["capabilities"] = capabilities
         await device.send(hello)
         device.hello_ack = await device.recv_type("hello_ack")
         return device

@@ -20,6 +20,7 @@ from gateway.cluster.presence import PRESENCE
 from gateway.device.connection import CallFailed, Connection
 from gateway.device.registry import REGISTRY
 from gateway.http.envelope import ApiError, json_response
+from gateway.http.openapi import document_handler
 from gateway.http.streaming import stream_run_events
 from gateway.metrics import METRICS
 from gateway.runs.lifecycle import RUNS, RunAlreadyFinished, RunNotFound
@@ -340,7 +341,11 @@ async def run_events(request: web.Request) -> web.StreamResponse:
 
 
 def add_routes(app: web.Application, *, wrap: Callable[[Handler], Handler]) -> None:
-    """The internal API's routes, each inside the listener's envelope ``wrap``."""
+    """The internal API's routes, each inside the listener's envelope ``wrap``.
+
+    Every route here is in gateway/openapi.json (tests/test_openapi.py checks).
+    """
+    app.router.add_get(f"{PREFIX}/openapi.json", wrap(document_handler()))
     app.router.add_get(f"{PREFIX}/devices", wrap(list_devices))
     app.router.add_post(f"{PREFIX}/tool-calls", wrap(create_tool_call))
     app.router.add_post(f"{PREFIX}/runs", wrap(create_run))

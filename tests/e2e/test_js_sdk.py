@@ -40,7 +40,7 @@ pytestmark = pytest.mark.e2e
 
 JS_ROOT = REPO_ROOT / "clients" / "js"
 # Flip to True once the gateway implements PROTOCOL §1.8 (hello_ack.runs, agent_ack).
-CONTINUITY_LANDED = False
+CONTINUITY_LANDED = True
 RUN_CONTINUITY = CONTINUITY_LANDED or os.environ.get("GATEWAY_TEST_CONTINUITY") == "1"
 NODE_TIMEOUT_S = 240.0
 NPM_TIMEOUT_S = 300.0

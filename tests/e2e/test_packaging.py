@@ -38,6 +38,8 @@ def installed_script(tmp_path_factory: pytest.TempPathFactory) -> Path:
     names = zipfile.ZipFile(wheel).namelist()
     shipped_sql = {Path(n).name for n in names if n.startswith("gateway/migrations/")}
     assert shipped_sql == {p.name for p in (REPO_ROOT / "migrations").glob("*.sql")}
+    # Served at /internal/v1/openapi.json: the app cannot be built without it.
+    assert "gateway/openapi.json" in names
     venv = root / "venv"
     _run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], cwd=root)
     _run([str(venv / "bin" / "python"), "-m", "pip", "install", "--no-deps", "--quiet",
