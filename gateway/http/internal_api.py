@@ -147,15 +147,9 @@ async def list_devices(request: web.Request) -> web.Response:
 
 
 async def create_tool_call(request: web.Request) -> web.StreamResponse:
-    return await _tool_call(request, forward=True)
-
-
-async def peer_tool_call(request: web.Request) -> web.StreamResponse:
-    """A sibling process forwards a call for a device we hold; never forwarded again."""
-    return await _tool_call(request, forward=False)
-
-
-async def _tool_call(request: web.Request, *, forward: bool) -> web.StreamResponse:
+    """§2.2; also the peer route, where a sibling process forwards a call for a device
+    we hold (§5): that one is served here or not at all, never forwarded again."""
+    forward = not request.path.startswith(PEER_PREFIX)
     if request.app[SHUTDOWN].draining:
         raise ApiError(503, codes.GATEWAY_SHUTDOWN, "the gateway is shutting down")
     body = await _json_body(request)
@@ -354,5 +348,5 @@ def add_routes(app: web.Application, *, wrap: Callable[[Handler], Handler]) -> N
     app.router.add_get(f"{PREFIX}/runs/{{run_id}}/events", wrap(run_events))
     app.router.add_post(f"{PREFIX}/runs/{{run_id}}/cancel", wrap(cancel_run))
     # Between gateway processes (PROTOCOL.md §5), same service tokens.
-    app.router.add_post(f"{PEER_PREFIX}/tool-calls", wrap(peer_tool_call))
+    app.router.add_post(f"{PEER_PREFIX}/tool-calls", wrap(create_tool_call))
     app.router.add_post(f"{PEER_PREFIX}/runs/{{run_id}}/dispatch", wrap(peer_dispatch_run))
