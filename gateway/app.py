@@ -384,6 +384,19 @@ async def watchdog_loop(gw: Gateway, notifier: SystemdNotifier, interval: float)
         await asyncio.sleep(interval)
 
 
+PARENT_CHECK_S = 1.0
+
+
+async def watch_parent(parent_pid: int, stop: asyncio.Event) -> None:
+    """A worker of ``serve --workers N``: its parent gone (SIGKILL), it drains and exits."""
+    while True:  # no event tells us: getppid() changes when the parent dies
+        if os.getppid() != parent_pid:
+            break
+        await asyncio.sleep(PARENT_CHECK_S)
+    log.error("worker_parent_gone", parent_pid=parent_pid)
+    stop.set()
+
+
 async def serve(
     settings: Settings, secrets: Secrets, dsn: str, *, on_force_exit: Callable[[], None]
 ) -> int:
@@ -439,6 +452,9 @@ async def serve(
                 every = interval
                 gw.tasks.supervise("systemd-watchdog",
                                    lambda: watchdog_loop(gw, notifier, every))
+            if settings.parent_pid is not None:
+                parent = settings.parent_pid
+                gw.tasks.supervise("parent-watch", lambda: watch_parent(parent, stop.event))
             await stop.event.wait()
 
             gw.shutdown.begin(settings.shutdown_timeout_s)

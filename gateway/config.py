@@ -70,6 +70,7 @@ class Settings:
     # reach it at, and SO_REUSEPORT on the shared listeners.
     peer_port: int | None = None
     reuse_port: bool = False
+    parent_pid: int | None = None
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     trusted_proxies: tuple[IPNetwork, ...] = ()
@@ -297,6 +298,8 @@ OPTIONS: tuple[Option, ...] = (
            "an extra internal listener only for sibling processes (set per worker)"),
     Option("reuse_port", "GATEWAY_REUSE_PORT", _bool,
            "bind the public and internal ports with SO_REUSEPORT (set per worker)"),
+    Option("parent_pid", "GATEWAY_PARENT_PID", _positive_int,
+           "drain and exit when this process is gone (set per worker)"),
     Option("tls_cert_file", "GATEWAY_TLS_CERT_FILE", lambda v: Path(_text(v)),
            "PEM certificate chain: the public listener speaks TLS (re-read on SIGHUP)"),
     Option("tls_key_file", "GATEWAY_TLS_KEY_FILE", lambda v: Path(_text(v)),

@@ -85,6 +85,8 @@ def worker_environment(base: Mapping[str, str], settings: Settings, secrets: Sec
         "GATEWAY_PEER_PORT": "0",
         "GATEWAY_DATABASE_URL": dsn,
         "NOTIFY_SOCKET": notify_socket,
+        # A worker whose parent is gone (killed with SIGKILL) drains and exits.
+        "GATEWAY_PARENT_PID": str(os.getpid()),
     })
     if secrets.jwt_secret is not None:
         env["GATEWAY_JWT_SECRET"] = secrets.jwt_secret
@@ -164,8 +166,12 @@ class Supervisor:
         # The gateway the parent runs, wherever it was started from.
         root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        # Its own session: a terminal's Ctrl-C (SIGINT to the foreground group) reaches
+        # only us, and we pass one SIGTERM on; a second signal would make a worker
+        # leave without draining. (Under systemd, KillMode=mixed does the same.)
         worker.popen = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "serve"], env=env, stdin=subprocess.DEVNULL)
+            [sys.executable, "-m", "gateway.cli", "serve"], env=env, stdin=subprocess.DEVNULL,
+            start_new_session=True)
         worker.started_at = time.monotonic()
         worker.ready = False
         worker.restart_at = None

@@ -273,9 +273,6 @@ async def _cleanup(app: web.Application, ws: web.WebSocketResponse, conn: Connec
     except Exception as exc:  # the restart sweep finds them if the database is down
         metrics.db_errors.labels("device_gone").inc()
         log.error("device_cleanup_failed", error=repr(exc))
-    # After its runs are detached: a process waiting to take the device over
-    # (PROTOCOL.md §5) resumes them once this row is gone.
-    await app[PRESENCE].device_down(conn)
     if not ws.closed:
         await _close(ws, conn.close_code or CloseCode.NORMAL, conn.close_reason)
     await conn.wait_closed(CLOSE_TIMEOUT_S)
@@ -288,3 +285,7 @@ async def _cleanup(app: web.Application, ws: web.WebSocketResponse, conn: Connec
         failed_runs=[str(r) for r in gone.failed],
         detached_runs=[str(r) for r in gone.detached], was_current=removed,
     )
+    # Last, after its runs are detached: a process waiting to take the device over
+    # (PROTOCOL.md §5) resumes them once this row is gone. (A takeover it was told
+    # of has already let the device go, in gateway/device/moved.py.)
+    await app[PRESENCE].device_down(conn)

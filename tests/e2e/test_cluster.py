@@ -324,3 +324,37 @@ async def test_dev_mode_workers_share_one_embedded_database(tmp_path: Path) -> N
         for extra in sessions:
             await extra.close()
         proc.kill()
+
+
+async def test_workers_of_a_killed_parent_drain_and_exit(database_url: str,
+                                                         tmp_path: Path) -> None:
+    """SIGKILL to the parent (nothing forwarded): each worker notices and leaves."""
+    public_port, internal_port = free_ports(2)
+    proc = start_gateway(database_env(database_url, GATEWAY_INSTANCE_ID="orphan"),
+                         args=["serve", "--workers", "2"], log_dir=tmp_path,
+                         public_port=public_port, internal_port=internal_port)
+    try:
+        proc.wait_ready()
+        deadline = time.monotonic() + WITHIN_S
+        while len(pids := [line["pid"] for line in proc.log_lines()
+                           if line.get("event") == "worker_ready"]) < 2:
+            assert time.monotonic() < deadline, proc.describe()
+            await asyncio.sleep(0.1)
+        proc.kill()
+        deadline = time.monotonic() + WITHIN_S * 2
+        while any(_running(pid) for pid in pids):
+            assert time.monotonic() < deadline, proc.describe()
+            await asyncio.sleep(0.1)
+        assert proc.events().count("gateway_stopped") == 2, proc.describe()
+    finally:
+        for pid in pids if "pids" in locals() else []:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has left
+    except FileNotFoundError:
+        return False
