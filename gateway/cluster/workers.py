@@ -60,6 +60,7 @@ class Worker:
     restarts: int = 0
     restart_at: float | None = None
     delay_s: float = RESTART_FIRST_S
+    last_watchdog: float = 0.0  # monotonic time of its last WATCHDOG=1 to us
 
 
 def check(settings: Settings) -> None:
@@ -88,6 +89,10 @@ def worker_environment(base: Mapping[str, str], settings: Settings, secrets: Sec
         # A worker whose parent is gone (killed with SIGKILL) drains and exits.
         "GATEWAY_PARENT_PID": str(os.getpid()),
     })
+    if settings.watchdog_usec:
+        # Each worker pings us (no WATCHDOG_PID: the watchdog is its own); one that
+        # stops is killed and restarted, while we keep pinging systemd.
+        env["WATCHDOG_USEC"] = settings.watchdog_usec
     if secrets.jwt_secret is not None:
         env["GATEWAY_JWT_SECRET"] = secrets.jwt_secret
     if secrets.internal_tokens:
@@ -151,6 +156,8 @@ class Supervisor:
                 self._hup = False
                 self._signal_all(signal.SIGHUP)
             self._reap_and_restart()
+            if watchdog is not None:
+                self._kill_silent(2 * watchdog)
             if not announced and all(w.ready for w in self.workers):
                 announced = True
                 log.info("workers_ready", workers=len(self.workers))
@@ -173,6 +180,7 @@ class Supervisor:
             [sys.executable, "-m", "gateway.cli", "serve"], env=env, stdin=subprocess.DEVNULL,
             start_new_session=True)
         worker.started_at = time.monotonic()
+        worker.last_watchdog = worker.started_at
         worker.ready = False
         worker.restart_at = None
         log.info("worker_started", worker=worker.number, pid=worker.popen.pid,
@@ -191,11 +199,16 @@ class Supervisor:
             for level, kind, payload in ancillary:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
                     pid = _UCRED.unpack(payload[:_UCRED.size])[0]
-            if b"READY=1" in data.split(b"\n"):
-                for worker in self.workers:
-                    if worker.popen is not None and worker.popen.pid == pid:
-                        worker.ready = True
-                        log.info("worker_ready", worker=worker.number, pid=pid)
+            lines = data.split(b"\n")
+            for worker in self.workers:
+                if worker.popen is None or worker.popen.pid != pid:
+                    continue
+                if b"WATCHDOG=1" in lines:
+                    worker.last_watchdog = time.monotonic()
+                if b"READY=1" in lines:
+                    worker.ready = True
+                    worker.last_watchdog = time.monotonic()
+                    log.info("worker_ready", worker=worker.number, pid=pid)
 
     def _reap_and_restart(self) -> None:
         now = time.monotonic()
@@ -218,6 +231,18 @@ class Supervisor:
             worker.ready = False
             worker.restart_at = now + worker.delay_s
             worker.delay_s = min(worker.delay_s * 2, RESTART_MAX_S)
+
+    def _kill_silent(self, within_s: float) -> None:
+        """A ready worker silent to the watchdog past ``within_s`` is wedged: kill it
+        (``_reap_and_restart`` starts it again)."""
+        now = time.monotonic()
+        for worker in self.workers:
+            if (worker.ready and worker.popen is not None and worker.popen.poll() is None
+                    and now - worker.last_watchdog > within_s):
+                log.error("worker_watchdog_timeout", worker=worker.number, pid=worker.popen.pid,
+                          silent_s=round(now - worker.last_watchdog, 3))
+                worker.popen.kill()
+                worker.ready = False
 
     def _signal_all(self, signum: int) -> None:
         for worker in self.workers:

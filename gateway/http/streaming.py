@@ -19,8 +19,9 @@ from gateway.shutdown import SHUTDOWN
 from gateway.store import RunRecord, StoredEvent
 
 EVENTS_PAGE = 1000
-# A reader of a run fed through another gateway process gets no live pushes:
-# it looks at the database this often.
+# A reader of a run fed through another gateway process is woken by that
+# process's NOTIFY of each committed batch (gateway/cluster/notify.py) and
+# re-reads the table; it also looks this often, should a notification be lost.
 POLL_S = 1.0
 
 

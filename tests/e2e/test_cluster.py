@@ -358,3 +358,47 @@ def _running(pid: int) -> bool:
             return stat.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has left
     except FileNotFoundError:
         return False
+
+
+async def test_a_wedged_worker_is_killed_and_restarted_by_its_parent(
+        database_url: str, tmp_path: Path) -> None:
+    """Under a systemd watchdog each worker pings the parent; one that stops (SIGSTOP)
+    is killed and started again while the parent goes on pinging systemd."""
+    public_port, internal_port = free_ports(2)
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify.sock"))
+    env = database_env(database_url, GATEWAY_INSTANCE_ID="wedge",
+                       NOTIFY_SOCKET=str(tmp_path / "notify.sock"), WATCHDOG_USEC="2000000")
+    proc = start_gateway(env, args=["serve", "--workers", "2"], log_dir=tmp_path,
+                         public_port=public_port, internal_port=internal_port)
+    stopped = None
+    try:
+        proc.wait_ready()
+        deadline = time.monotonic() + WITHIN_S
+        while len(ready := [line for line in proc.log_lines()
+                            if line.get("event") == "worker_ready"]) < 2:
+            assert time.monotonic() < deadline, proc.describe()
+            await asyncio.sleep(0.1)
+        stopped = ready[0]["pid"]
+        os.kill(stopped, signal.SIGSTOP)
+        deadline = time.monotonic() + WITHIN_S * 2
+        while not any(line.get("event") == "worker_ready" and line["pid"] != stopped
+                      and line["worker"] == ready[0]["worker"] for line in proc.log_lines()):
+            assert time.monotonic() < deadline, proc.describe()
+            await asyncio.sleep(0.1)
+        timeout = next(line for line in proc.log_lines()
+                       if line.get("event") == "worker_watchdog_timeout")
+        assert timeout["pid"] == stopped, timeout
+        notify.setblocking(False)
+        pings = []
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                pings.append(notify.recv(4096))
+        assert any(b"WATCHDOG=1" in ping for ping in pings), pings
+        code, _ = proc.stop()
+        assert code == 0, proc.describe()
+    finally:
+        if stopped is not None and _running(stopped):
+            os.kill(stopped, signal.SIGKILL)
+        notify.close()
+        proc.kill()
