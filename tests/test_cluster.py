@@ -421,3 +421,24 @@ async def test_a_silently_dead_listener_is_detected_and_replaced(
         await device.recv_type("agent_cancel")
     finally:
         await proxy.close()
+
+
+async def test_cluster_metrics_count_forwarded_calls_and_notifications(
+        make_gateway: Any) -> None:
+    a, b = await two(make_gateway)
+    device = await a.device("u1", "d1", agent_ids=["agent"])
+    task = call(b, device_id="d1")
+    frame = await device.recv_type("tool_call")
+    await device.send({"type": "tool_result", "id": frame["id"], "result": 1})
+    assert (await answer(task))[0] == 200
+    _, run = await a.api("POST", "/runs", {"user_id": "u1", "agent_id": "agent"})
+    await device.recv_type("agent_run")
+    await device.send({"type": "agent_data", "run_id": run["run_id"], "data": 1})
+    await a.wait_for(lambda: a.svc.announcer.sent >= 1)
+    async with b.public.get("/metrics") as response:
+        text_b = await response.text()
+    async with a.public.get("/metrics") as response:
+        text_a = await response.text()
+    assert 'gateway_tool_calls_forwarded_total{outcome="forwarded"} 1.0' in text_b
+    assert "gateway_listener_connections_total 1.0" in text_b
+    assert "gateway_event_notifications_total 1.0" in text_a

@@ -81,6 +81,7 @@ class Notifications:
                     for channel in self.handlers:
                         await conn.add_listener(channel, on_notify)
                     self.connections += 1
+                    self.metrics.listener_connections.inc()
                     self.backend_pid = conn.get_server_pid()
                     if self.connections > 1:
                         log.info("listener_reconnected", connections=self.connections)
@@ -175,6 +176,7 @@ class EventAnnouncer:
             try:
                 await self.store.notify_events(self.instance_id, batch)
                 self.sent += len(batch)
+                self.metrics.events_announced.inc(len(batch))
             except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
                 # Readers elsewhere still poll the table; nothing is lost.
                 self.metrics.db_errors.labels("announce_events").inc()

@@ -206,6 +206,7 @@ class Presence:
             instance_id=self.instance_id, ttl_s=self.ttl_s,
             reason=codes.RUN_ERROR_GATEWAY_RESTARTED, detach=self.detach_dead_runs)
         if dead:
+            self.metrics.instances_reaped.inc(len(dead))
             if self.detach_dead_runs:
                 self.metrics.runs_detached.inc(len(runs))
             else:

@@ -244,6 +244,7 @@ async def _forward_call(request: web.Request, row: PresenceRow, body: dict[str, 
         raise
     finally:
         elapsed = time.perf_counter() - started
+        request.app[METRICS].calls_forwarded.labels(outcome).inc()
         log.info("tool_call_forwarded", user_id=row.user_id, device_id=row.device_id,
                  instance_id=row.instance_id, outcome=outcome,
                  duration_ms=round(elapsed * 1000, 2))
