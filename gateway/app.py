@@ -32,7 +32,7 @@ from gateway.cluster.notify import (
     parse_device_message,
 )
 from gateway.cluster.peers import PEERS, Peers, dispatch_elsewhere
-from gateway.cluster.presence import PRESENCE, Presence
+from gateway.cluster.presence import PRESENCE, Held, Presence
 from gateway.config import SETTINGS, Secrets, Settings, redacted_summary
 from gateway.dev.devmode import print_banner
 from gateway.device.app_ping import app_ping_loop
@@ -161,7 +161,7 @@ async def open_gateway(
         cluster_store = ClusterStore(pool)
         presence = Presence(store=cluster_store, metrics=metrics,
                             instance_id=settings.instance_id, ttl_s=settings.instance_ttl_s,
-                            held=lambda: list(registry), detach_dead_runs=continuity.enabled,
+                            detach_dead_runs=continuity.enabled,
                             advertise_url=settings.advertise_url)
         peers = Peers(token=secrets.internal_tokens[0] if secrets.internal_tokens else "")
         announcer = EventAnnouncer(cluster_store, settings.instance_id, metrics)
@@ -248,6 +248,12 @@ def _wire_cluster(gw: Gateway, cluster_store: ClusterStore) -> None:
             await let_go(gw.registry, runs, gw.presence, user_id=message.get("user_id", ""),
                          device_id=message.get("device_id", ""),
                          connection_id=message.get("connection_id", ""))
+
+    async def lost(conn: Held) -> None:
+        await let_go(gw.registry, runs, gw.presence, user_id=conn.user_id,
+                     device_id=conn.device_id, connection_id=conn.connection_id)
+
+    gw.presence.on_lost = lost
 
     async def resync() -> None:
         live.nudge_all()

@@ -572,15 +572,15 @@ ON CONFLICT (user_id, device_id) DO UPDATE
        agent_ids = EXCLUDED.agent_ids, connected_at = EXCLUDED.connected_at
 """
 
+# Back after being reaped: our rows again, except for devices another process
+# took meanwhile (those connections of ours are let go, see PRESENCE_LOST).
 UPSERT_PRESENCE_MANY = """
 INSERT INTO device_presence (user_id, device_id, instance_id, connection_id, agent_ids,
                              connected_at)
 SELECT u, d, $1, c, string_to_array(a, chr(31)), t
   FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[])
        AS p(u, d, c, a, t)
-ON CONFLICT (user_id, device_id) DO UPDATE
-   SET instance_id = EXCLUDED.instance_id, connection_id = EXCLUDED.connection_id,
-       agent_ids = EXCLUDED.agent_ids, connected_at = EXCLUDED.connected_at
+ON CONFLICT (user_id, device_id) DO NOTHING
 """
 
 # A connection's cleanup: exactly its own row, never its successor's.
@@ -634,6 +634,14 @@ NOTIFY_DEVICES = f"SELECT pg_notify('{DEVICES_CHANNEL}', $1)"
 
 CANCELLED_AMONG = """
 SELECT id FROM agent_run_logs WHERE id = ANY($1::uuid[]) AND status = 'cancelled'
+"""
+
+# Of the connections whose rows we wrote, those whose row is gone: another
+# process's hello overwrote it (a replacement we may not have been told of).
+PRESENCE_LOST = """
+SELECT c FROM unnest($2::text[]) AS c
+EXCEPT
+SELECT connection_id FROM device_presence WHERE instance_id = $1
 """
 
 AGENT_SEPARATOR = "\x1f"
@@ -751,6 +759,12 @@ class ClusterStore:
                 runs += [row["id"] for row in await conn.fetch(statement, gone, reason)]
             await conn.execute(DELETE_INSTANCES, dead)
         return dead, runs
+
+    async def presence_lost(self, instance_id: str, connection_ids: Sequence[str]) -> set[str]:
+        if not connection_ids:
+            return set()
+        rows = await self.pool.fetch(PRESENCE_LOST, instance_id, list(connection_ids))
+        return {row["c"] for row in rows}
 
     async def notify_events(self, instance_id: str, last_seq_by_run: dict[uuid.UUID, int]) -> None:
         await self.pool.execute(NOTIFY_EVENTS, instance_id, list(last_seq_by_run),

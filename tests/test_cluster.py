@@ -442,3 +442,45 @@ async def test_cluster_metrics_count_forwarded_calls_and_notifications(
     assert 'gateway_tool_calls_forwarded_total{outcome="forwarded"} 1.0' in text_b
     assert "gateway_listener_connections_total 1.0" in text_b
     assert "gateway_event_notifications_total 1.0" in text_a
+
+
+async def test_a_connection_whose_row_another_process_took_is_let_go(
+        make_gateway: Any, database_url: str) -> None:
+    """The replacement NOTIFY was missed (say, the LISTEN connection was being
+    replaced): the heartbeat sees the row is someone else's and closes ours with 4000."""
+    a, _ = await two(make_gateway, instance_ttl_s=0.6)
+    device = await a.device("u1", "d1")
+    conn = await asyncpg.connect(database_url)
+    try:  # what b's hello would have written, without telling a
+        await conn.execute("UPDATE device_presence SET instance_id = 'gw-b', "
+                           "connection_id = 'elsewhere' WHERE device_id = 'd1'")
+    finally:
+        await conn.close()
+    assert await device.expect_close() == 4000
+    await a.wait_for(lambda: a.svc.registry.get("u1", "d1") is None)
+
+
+async def test_a_process_reaped_while_alive_comes_back_without_stealing_devices(
+        make_gateway: Any, database_url: str) -> None:
+    """Reaped during a stall: it registers again and rewrites the rows of its devices,
+    but one taken by another process meanwhile stays there (and ours is let go)."""
+    a, _ = await two(make_gateway, instance_ttl_s=0.6)
+    kept = await a.device("u1", "kept")
+    taken = await a.device("u1", "taken")
+    conn = await asyncpg.connect(database_url)
+    try:  # as if b reaped a, then the device said hello to b
+        await conn.execute("DELETE FROM device_presence WHERE instance_id = 'gw-a'")
+        await conn.execute("DELETE FROM gateway_instances WHERE instance_id = 'gw-a'")
+        await conn.execute(
+            "INSERT INTO device_presence (user_id, device_id, instance_id, connection_id, "
+            "connected_at) VALUES ('u1', 'taken', 'gw-b', 'on-b', now())")
+        assert await taken.expect_close() == 4000
+        rows = await conn.fetch("SELECT device_id, instance_id FROM device_presence "
+                                "ORDER BY device_id")
+    finally:
+        await conn.close()
+    assert [(r["device_id"], r["instance_id"]) for r in rows] == [
+        ("kept", "gw-a"), ("taken", "gw-b")]
+    assert a.svc.registry.get("u1", "kept") is not None
+    await kept.send({"type": "ping"})
+    assert (await kept.recv_type("pong"))["type"] == "pong"

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import asyncpg
@@ -63,12 +63,14 @@ class Presence:
     metrics: Metrics
     instance_id: str
     ttl_s: float
-    # What this process holds now (re-written if we were reaped while stalled).
-    held: Callable[[], Sequence[Held]]
     # Dead processes' runs: detached for resume (False: failed at once, resume 0).
     detach_dead_runs: bool = True
     advertise_url: str | None = None
+    # A connection of ours whose row another process's hello overwrote: let it go
+    # (the NOTIFY that should have said so was missed). Wired by app.py.
+    on_lost: Callable[[Held], Awaitable[object]] | None = None
     beats: int = 0
+    _written: dict[str, Held] = attrs.Factory(dict)  # connection id → its row is written
     _located: dict[tuple[str, str | None], tuple[float, PresenceRow]] = attrs.Factory(dict)
 
     @property
@@ -101,8 +103,10 @@ class Presence:
             user_id=conn.user_id, device_id=conn.device_id, instance_id=self.instance_id,
             connection_id=conn.connection_id, agent_ids=conn.agent_ids,
             connected_at=conn.connected_at)
+        self._written[conn.connection_id] = conn
 
     async def device_down(self, conn: Held) -> None:
+        self._written.pop(conn.connection_id, None)
         try:
             await self.store.device_down(conn.connection_id)
         except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
@@ -183,6 +187,7 @@ class Presence:
             try:
                 await self.beat()
                 await self.reap()
+                await self.check_lost()
             except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
                 # Kept here: a restart would wait for the back-off, and a missed
                 # beat is what makes the others declare us dead.
@@ -195,11 +200,23 @@ class Presence:
             self.beats += 1
             return
         # Reaped while we stalled past the TTL: back, with what we hold now.
-        held = list(self.held())
+        held = list(self._written.values())
         log.warning("instance_reregistered", instance_id=self.instance_id, devices=len(held))
         await self.store.reregister(self.instance_id, self.advertise_url, [
             (c.user_id, c.device_id, c.connection_id, c.agent_ids, c.connected_at)
             for c in held])
+
+    async def check_lost(self) -> int:
+        """Connections whose row is no longer ours: replaced from another process."""
+        written = dict(self._written)
+        lost = await self.store.presence_lost(self.instance_id, list(written))
+        for connection_id in lost:
+            conn = written[connection_id]
+            if connection_id in self._written and self.on_lost is not None:
+                log.warning("device_presence_lost", user_id=conn.user_id,
+                            device_id=conn.device_id, connection_id=connection_id)
+                await self.on_lost(conn)
+        return len(lost)
 
     async def reap(self) -> list[str]:
         dead, runs = await self.store.reap(
