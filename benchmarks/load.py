@@ -84,7 +84,7 @@ class TokenMinter:
 
 async def connect_device(
     session: aiohttp.ClientSession, ws_url: str, token: str, user_id: str, device_id: str,
-    agent_ids: list[str] | None = None,
+    agent_ids: list[str] | None = None, capabilities: list[str] | None = None,
 ) -> tuple[aiohttp.ClientWebSocketResponse, float]:
     """WebSocket + device_hello + hello_ack; returns the socket and the time it took."""
     started = time.monotonic()
@@ -96,6 +96,8 @@ async def connect_device(
             hello: dict[str, Any] = {"type": "device_hello", "device_id": device_id}
             if agent_ids is not None:
                 hello["agent_ids"] = agent_ids
+            if capabilities is not None:
+                hello["capabilities"] = capabilities
             await ws.send_frame(orjson.dumps(hello), TEXT)
             while True:
                 msg = await ws.receive()
@@ -391,6 +393,10 @@ async def ingest_main(pipe: Connection, cfg: dict[str, Any]) -> None:
     then the measured one). Gateway: a device streams when an ``agent_run``
     arrives. Ceiling: all devices stream on the driver's ``go`` and a run ends
     with the ceiling's ``run_done``. After each round: ``("sent", figures)``.
+
+    ``cfg["event_acks"]`` (gateway only): the hello asks for ``event_acks``, every
+    agent_data carries ``seq``, and a device's round ends only once its last
+    event is acknowledged; figures count the ``agent_ack`` frames.
     """
     check_loopback(cfg["ws_url"])
     mint = TokenMinter(cfg["jwt_secret"])
@@ -402,6 +408,9 @@ async def ingest_main(pipe: Connection, cfg: dict[str, Any]) -> None:
     round_events = 0
     remaining = 0
     all_done: asyncio.Future[None] = loop.create_future()
+    acks = bool(cfg.get("event_acks")) and not ceiling
+    # device id → (the seq its round waits for, resolved when an ack reaches it)
+    awaited: dict[str, tuple[int, asyncio.Future[None]]] = {}
 
     def finished() -> None:
         nonlocal remaining
@@ -412,11 +421,19 @@ async def ingest_main(pipe: Connection, cfg: dict[str, Any]) -> None:
     async def stream(ws: aiohttp.ClientWebSocketResponse, device_id: str, run_id: str) -> None:
         prefix = b'{"type":"agent_data","run_id":"' + run_id.encode() + b'","data":'
         first = time.monotonic()
-        for data in payloads[round_events]:
-            await ws.send_frame(prefix + data + b"}", TEXT)
+        if acks:
+            acked: asyncio.Future[None] = loop.create_future()
+            awaited[device_id] = (round_events, acked)
+            for seq, data in enumerate(payloads[round_events], 1):
+                await ws.send_frame(prefix + data + b',"seq":' + str(seq).encode() + b"}", TEXT)
+        else:
+            for data in payloads[round_events]:
+                await ws.send_frame(prefix + data + b"}", TEXT)
         await ws.send_frame(orjson.dumps({"type": "agent_complete", "run_id": run_id,
                                           "status": "completed"}), TEXT)
         figures[device_id].update(first_sent=first, last_sent=time.monotonic())
+        if acks:  # not timed: the run's end is; this checks every event was acked
+            await acked
         if not ceiling:
             finished()
 
@@ -429,6 +446,12 @@ async def ingest_main(pipe: Connection, cfg: dict[str, Any]) -> None:
             if kind == "agent_run" and not ceiling:
                 figures[device_id]["run_received"] = time.monotonic()
                 tasks.append(asyncio.create_task(stream(ws, device_id, frame["run_id"])))
+            elif kind == "agent_ack":
+                mine = figures[device_id]
+                mine["acks"] = mine.get("acks", 0) + 1
+                want = awaited.get(device_id)
+                if want is not None and frame["seq"] >= want[0] and not want[1].done():
+                    want[1].set_result(None)
             elif kind == "run_done" and ceiling:
                 figures[device_id]["done"] = time.monotonic()
                 finished()
@@ -437,7 +460,8 @@ async def ingest_main(pipe: Connection, cfg: dict[str, Any]) -> None:
         sockets = {}
         for user_id, device_id in cfg["devices"]:
             ws, _ = await connect_device(session, cfg["ws_url"], mint(user_id), user_id,
-                                         device_id, agent_ids=["bench"])
+                                         device_id, agent_ids=["bench"],
+                                         capabilities=["event_acks"] if acks else None)
             sockets[device_id] = ws
         readers = [asyncio.create_task(serve(ws, d)) for d, ws in sockets.items()]
         pipe.send(("ready", {"pid": os.getpid()}))

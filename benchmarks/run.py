@@ -241,7 +241,8 @@ def scenario_measure(name: str, params: dict[str, Any], opts: argparse.Namespace
         return lambda ctx: scenarios.calls(ctx, params["c"], params["s"], warmup_s=opts.warmup)
     if name == "ingest":
         return lambda ctx: scenarios.ingest(ctx, params["k"], params["m"], params["b"],
-                                            warmup_events=opts.ingest_warmup)
+                                            warmup_events=opts.ingest_warmup,
+                                            event_acks=getattr(opts, "event_acks", False))
     if name == "cleanup":
         return lambda ctx: scenarios.cleanup(ctx, trials=opts.trials)
     raise ValueError(name)
@@ -325,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("k", type=int)
     ingest.add_argument("m", type=int)
     ingest.add_argument("b", type=int)
+    ingest.add_argument("--event-acks", action="store_true",
+                        help="devices ask for event_acks and number their events (gateway)")
     sub.add_parser("cleanup", parents=[common], help="disconnect cleanup time")
     compare = sub.add_parser("compare", parents=[common],
                              help="every scenario, gateway vs ceiling, with the targets")

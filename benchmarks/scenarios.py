@@ -322,11 +322,12 @@ async def _ingest_round(ctx: Context, pipes: list[Connection], number: int,
             "GROUP BY status", ids)}
     return {"started": started, "ended": ended, "completion": completion, "cores": cores,
             "rows": rows, "statuses": statuses,
-            "last_sent": max(f.get("last_sent", started) for f in per_device.values())}
+            "last_sent": max(f.get("last_sent", started) for f in per_device.values()),
+            "acks": sum(f.get("acks", 0) for f in per_device.values())}
 
 
-async def ingest(ctx: Context, k: int, m: int, size: int, *, warmup_events: int = 200
-                 ) -> dict[str, Any]:
+async def ingest(ctx: Context, k: int, m: int, size: int, *, warmup_events: int = 200,
+                 event_acks: bool = False) -> dict[str, Any]:
     """K devices stream M events of ~B bytes each into a run; time until all are stored.
 
     A warm-up round (``warmup_events`` per device, through the same devices,
@@ -342,6 +343,7 @@ async def ingest(ctx: Context, k: int, m: int, size: int, *, warmup_events: int 
     pipes = [ctx.spawn(load.ingest_worker, {
         "ws_url": server.ws_url, "jwt_secret": server.jwt_secret, "kind": server.kind,
         "devices": devices[a:b], "rounds": rounds, "size": size, "max_s": max_s,
+        "event_acks": event_acks,
     })[1] for a, b in split(k, ctx.procs)]
     for pipe in pipes:
         await expect(pipe, "ready", 60)
@@ -376,6 +378,8 @@ async def ingest(ctx: Context, k: int, m: int, size: int, *, warmup_events: int 
         "seconds": None if elapsed is None else round(elapsed, 3),
         "throughput": None if not elapsed else round(stored / elapsed, 1),
         "send_s": round(measured["last_sent"] - started, 3),
+        "event_acks": event_acks,
+        "acks_received": measured["acks"],
         # Latency here: from the start until each run was seen finished.
         **latency_figures([t - started for t in measured["completion"].values()]),
         "warmup_events": k * warmup_events,

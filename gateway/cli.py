@@ -59,6 +59,16 @@ def build_parser() -> argparse.ArgumentParser:
     device.add_argument("--url", help="gateway WebSocket URL "
                         "(default: ws://127.0.0.1:<public port>/api/v1/ws/device)")
     device.add_argument("--quiet", action="store_true", help="do not log every frame")
+    device.add_argument("--event-acks", action="store_true",
+                        help="ask for agent_ack (PROTOCOL §1.8): number events, resend "
+                             "what was not acked after a reconnect")
+    device.add_argument("--no-reconnect", action="store_true",
+                        help="exit when the connection ends (default: reconnect with back-off)")
+    device.add_argument("--reconnect-max-s", type=_positive, default=30.0, metavar="S",
+                        help="longest back-off between reconnects (30)")
+    device.add_argument("--max-unacked", type=_positive_int, default=1024, metavar="N",
+                        help="events a run keeps unconfirmed; with --event-acks its agent "
+                             "then waits for acks (1024)")
     add_arguments(device)
     return parser
 
@@ -164,6 +174,26 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if not 0 < number < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be positive: {value!r}")
+    return number
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {value!r}")
+    return number
+
+
 def _days(value: str) -> float:
     try:
         days = float(value)
@@ -235,16 +265,24 @@ def cmd_device(settings: Settings, args: argparse.Namespace) -> int:
     from gateway.dev.simulator import SimulatorOptions, run_simulator
 
     token = args.token
+    mint: Callable[[], str] | None = None
     if token is None:
         secret = resolve_secrets(settings).jwt_secret
         if secret is None:
             raise ConfigError("give --token, or run in dev mode / set GATEWAY_JWT_SECRET")
-        token = mint_device_token(secret=secret, subject=args.sub, ttl_s=24 * 3600,
-                                  audience=settings.jwt_audience, issuer=settings.jwt_issuer)
+
+        def mint() -> str:
+            return mint_device_token(secret=secret, subject=args.sub, ttl_s=24 * 3600,
+                                     audience=settings.jwt_audience, issuer=settings.jwt_issuer)
+
+        token = mint()
     url = args.url or f"ws://127.0.0.1:{settings.public_port}/api/v1/ws/device"
     options = SimulatorOptions(url=url, token=token, device_id=args.device_id,
                                agent_ids=tuple(args.agent_id or ("stream",)),
-                               verbose=not args.quiet)
+                               verbose=not args.quiet, event_acks=args.event_acks,
+                               reconnect=not args.no_reconnect,
+                               reconnect_max_s=args.reconnect_max_s,
+                               max_unacked=args.max_unacked, mint_token=mint)
     return asyncio.run(run_simulator(options))
 
 

@@ -46,6 +46,7 @@ def check_line(line: dict[str, Any], scenario: str, extra: set[str]) -> None:
     (["idle", "6", "--hold", "0.2"], {"kb_per_conn", "connections", "hold_server_cpu_pct"}),
     (["calls", "2", "0.5", "--warmup", "0.2"], {"calls", "errors"}),
     (["ingest", "2", "20", "100"], {"events", "rows_stored", "seconds"}),
+    (["ingest", "2", "20", "100", "--event-acks"], {"rows_stored", "acks_received"}),
     (["cleanup", "--trials", "1"], {"close_presence_ms_max", "kill_calls_ms_max"}),
 ])
 def test_scenario_prints_one_json_line(database_url: str, args: list[str],

@@ -378,10 +378,18 @@ export class GatewayDevice extends EventTarget {
         this._abortRun(run, 'run_lost');
         continue;
       }
-      const lastSeq = Number.isInteger(entry.last_seq) ? entry.last_seq : 0;
       run.attached = true;
-      this._confirm(run, lastSeq);
-      run.sentSeq = lastSeq;
+      if (this._acking) {
+        // Resend everything not acked, even what last_seq covers: after a
+        // replacement last_seq counts events accepted but not yet stored, which
+        // a crash would lose. The gateway acks the copies it already has and
+        // does not store them twice.
+        run.sentSeq = run.pending.length > 0 ? run.pending[0].seq - 1 : run.nextSeq - 1;
+      } else {
+        const lastSeq = Number.isInteger(entry.last_seq) ? entry.last_seq : 0;
+        this._confirm(run, lastSeq);
+        run.sentSeq = lastSeq;
+      }
       this._flush(run);
     }
     for (const [runId, entry] of listed) {
