@@ -38,10 +38,15 @@ WITHIN_S = 10.0
 def processes(database_url: str, tmp_path: Path, *names: str,
               **extra: str) -> Iterator[list[GatewayProcess]]:
     procs = []
+    # Every port picked at once (all distinct): one picked while an earlier process
+    # has not bound its own yet could be that very port.
+    ports = free_ports(2 * len(names))
     try:
-        for name in names:
+        for n, name in enumerate(names):
             procs.append(start_gateway(database_env(database_url, GATEWAY_INSTANCE_ID=name,
-                                                    **extra), log_dir=tmp_path))
+                                                    **extra), log_dir=tmp_path,
+                                       public_port=ports[2 * n],
+                                       internal_port=ports[2 * n + 1]))
         for proc in procs:
             proc.wait_ready()
         yield procs
