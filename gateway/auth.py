@@ -118,8 +118,13 @@ class DeviceAuthenticator:
         if not isinstance(subject, str) or not subject.strip():
             raise AuthError("token sub must be a non-empty string")
         exp = claims.get("exp")
-        expires_at = float(exp) + self.leeway_s if isinstance(exp, int | float) else None
-        return DeviceClaims(user_id=subject, expires_at=expires_at)
+        if exp is None:
+            return DeviceClaims(user_id=subject, expires_at=None)
+        # RFC 7519 §2: a NumericDate is a JSON number. PyJWT also takes "9999999999"
+        # (and true), which the expiry timer would then never fire for.
+        if not isinstance(exp, int | float) or isinstance(exp, bool):
+            raise AuthError("token exp must be a number")
+        return DeviceClaims(user_id=subject, expires_at=float(exp) + self.leeway_s)
 
 
 def mint_device_token(

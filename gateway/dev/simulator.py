@@ -19,6 +19,9 @@ only confirmation, so the run keeps just its last ``max_unacked`` events.
 It stops for good on 4000 (another copy of this device took over), 4002,
 1008 and 1009 (reconnecting would be refused again), a refused handshake
 (401), and 4001 unless it minted its own token (then it mints a new one).
+
+One module, longer than most: it is a whole device (reconnects, resends,
+tools, agents), meant to be read top to bottom by a device author.
 """
 
 from __future__ import annotations

@@ -36,6 +36,18 @@ MAX_CLOSE_REASON = 120
 HEARTBEAT_BUDGET = 0.9
 # aiohttp rounds a timer longer than this up to the next whole second.
 AIOHTTP_CEIL_THRESHOLD_S = 5.0
+# Close codes a metric label may carry: ours, and those RFC 6455 gives a
+# meaning; anything else a device picks is "other" (one label value each
+# would make the metric unbounded).
+CLOSE_CODE_LABELS = frozenset({*(int(c) for c in CloseCode), 1002, 1003, 1005, 1006, 1007,
+                               1010, 1012, 1013, 1014, 1015})
+
+
+def close_label(code: int | None) -> str:
+    """The metric label of a close code: from a fixed set."""
+    if code is None:
+        return "none"
+    return str(int(code)) if int(code) in CLOSE_CODE_LABELS else "other"
 
 
 def aiohttp_heartbeat(heartbeat_s: float) -> float:
@@ -85,14 +97,23 @@ async def device_ws(request: web.Request) -> web.StreamResponse:
         log.info("device_auth_refused", reason=str(exc), remote=remote)
         return _refuse_handshake(metrics, 401, codes.UNAUTHORIZED, str(exc))
 
+    if sockets.pending_of(claims.user_id) >= settings.max_hello_pending_per_user:
+        log.info("device_refused_too_many_handshakes", user_id=claims.user_id,
+                 limit=settings.max_hello_pending_per_user, remote=remote)
+        return _refuse_handshake(metrics, 429, codes.TOO_MANY_HANDSHAKES,
+                                 "this user holds its maximum of sockets awaiting device_hello")
+
     ws = web.WebSocketResponse(
         heartbeat=aiohttp_heartbeat(settings.heartbeat_s), autoping=True,
-        max_msg_size=settings.max_frame_bytes, timeout=CLOSE_TIMEOUT_S, decode_text=False,
+        # aiohttp refuses a message of exactly max_msg_size; the contract closes only
+        # larger ones (the receive loop checks the exact bound, compressed frames too).
+        max_msg_size=settings.max_frame_bytes + 1, timeout=CLOSE_TIMEOUT_S,
+        decode_text=False,
     )
     if not ws.can_prepare(request).ok:
         return _refuse_handshake(metrics, 400, codes.BAD_REQUEST,
                                  "a WebSocket upgrade is required")
-    sockets.opened(ws, request)
+    sockets.opened(ws, request, claims.user_id)
     try:
         await ws.prepare(request)
         metrics.connections_opened.inc()
@@ -101,8 +122,9 @@ async def device_ws(request: web.Request) -> web.StreamResponse:
         structlog.contextvars.bind_contextvars(user_id=claims.user_id, remote=remote)
         with sockets.awaiting_hello(ws):
             hello = await _receive_hello(ws, settings.hello_timeout_s)
+        sockets.hello_done(ws)
         if hello is None:
-            metrics.connections_closed.labels(str(ws.close_code)).inc()
+            metrics.connections_closed.labels(close_label(ws.close_code)).inc()
             return ws
         structlog.contextvars.bind_contextvars(device_id=hello.device_id)
         await _serve_device(app, ws, claims.user_id, claims.expires_at, hello,
@@ -157,7 +179,7 @@ async def _serve_device(
     if at_hello is None or at_hello.other_devices >= settings.max_devices_per_user:
         log.info("device_refused_too_many", limit=settings.max_devices_per_user)
         await _close(ws, CloseCode.TOO_MANY_DEVICES, "too_many_devices")
-        metrics.connections_closed.labels(str(CloseCode.TOO_MANY_DEVICES.value)).inc()
+        metrics.connections_closed.labels(close_label(CloseCode.TOO_MANY_DEVICES)).inc()
         return
 
     count_out = metrics.frame_out
@@ -218,7 +240,7 @@ async def _serve_device(
                 runs=[messages.AttachedRun(str(a.run_id), a.agent_id, a.last_seq)
                       for a in attached]))
         runs.send_claimed(conn, claimed)
-        await _receive_loop(ctx, ws)
+        await _receive_loop(ctx, ws, settings.max_frame_bytes)
     except ConnectionGone:
         pass
     except Exception as exc:
@@ -237,10 +259,14 @@ async def _serve_device(
             raise
 
 
-async def _receive_loop(ctx: DeviceContext, ws: web.WebSocketResponse) -> None:
+async def _receive_loop(ctx: DeviceContext, ws: web.WebSocketResponse,
+                        max_frame_bytes: int) -> None:
     while True:
         msg = await ws.receive()
         if msg.type is WSMsgType.TEXT:
+            if len(msg.data) > max_frame_bytes:  # one byte over aiohttp's own bound
+                ctx.conn.request_close(CloseCode.TOO_BIG, "frame too big")
+                return
             await dispatch(ctx, msg.data)
         elif msg.type is WSMsgType.BINARY:
             ctx.conn.frames_in += 1
@@ -277,7 +303,7 @@ async def _cleanup(app: web.Application, ws: web.WebSocketResponse, conn: Connec
         await _close(ws, conn.close_code or CloseCode.NORMAL, conn.close_reason)
     await conn.wait_closed(CLOSE_TIMEOUT_S)
     code = conn.close_code
-    metrics.connections_closed.labels(str(code)).inc()
+    metrics.connections_closed.labels(close_label(code)).inc()
     log.info(
         "device_disconnected", connection_id=conn.connection_id, close_code=code,
         reason=conn.close_reason or None, duration_s=round(time.monotonic() - started, 3),

@@ -14,14 +14,21 @@ import attrs
 import structlog
 
 from gateway.auth import AuthError, DeviceAuthenticator
+from gateway.device.allowance import Allowance
 from gateway.device.connection import Connection, ConnectionGone
 from gateway.metrics import Metrics
 from gateway.runs.lifecycle import RunRefused, Runs
+from gateway.runs.tracking import parse_run_id
 from gateway.wire import codes, frames, messages
 from gateway.wire.codes import CloseCode
 from gateway.wire.frames import Frame, FrameError
 
 log = structlog.get_logger(__name__)
+
+# Costly frames (gateway/device/allowance.py) a connection may send: this many
+# at once, then this many a minute.
+COSTLY_BURST = 10
+COSTLY_PER_MINUTE = 12
 
 
 @attrs.define(eq=False)
@@ -34,6 +41,7 @@ class DeviceContext:
     metrics: Metrics
     heartbeat_s: float
     bad_frames_per_minute: int
+    costly: Allowance = attrs.Factory(lambda: Allowance(COSTLY_PER_MINUTE, COSTLY_BURST))
 
 
 Handler = Callable[[DeviceContext, Frame], Awaitable[None]]
@@ -53,13 +61,33 @@ async def handle_tool_progress(ctx: DeviceContext, frame: Frame) -> None:
                          code=codes.UNKNOWN_CALL)
 
 
+def _spend_costly(ctx: DeviceContext, frame: Frame) -> None:
+    if not ctx.costly.take():
+        raise FrameError(f"too many auth_refresh, device_hello or unknown-run frames: at most "
+                         f"{COSTLY_PER_MINUTE} a minute", ref=frame.type)
+
+
+def _refuse_without_query(ctx: DeviceContext, run_id_text: str) -> None:
+    """Past its allowance, a frame for a run this connection does not own is
+    answered from memory: ``run_finished`` for a run it just finished, else
+    ``unknown_run`` (no query to find out whether the run ended long ago)."""
+    if not ctx.costly.exhausted or ctx.runs.tracking.owned(ctx.conn, run_id_text) is not None:
+        return
+    run_id = parse_run_id(run_id_text)
+    if run_id is not None and ctx.runs.tracking.recently_finished(ctx.conn, run_id):
+        raise RunRefused(codes.RUN_FINISHED, "the run has already ended")
+    raise RunRefused(codes.UNKNOWN_RUN, "no such run on this connection")
+
+
 async def handle_agent_data(ctx: DeviceContext, frame: Frame) -> None:
     event = frames.parse_agent_data(frame)
+    _refuse_without_query(ctx, event.run_id)
     await ctx.runs.accept_event(ctx.conn, event.run_id, event.data, event.seq)
 
 
 async def handle_agent_complete(ctx: DeviceContext, frame: Frame) -> None:
     done = frames.parse_agent_complete(frame)
+    _refuse_without_query(ctx, done.run_id)
     await ctx.runs.complete(ctx.conn, done.run_id, status=done.status, errors=done.errors,
                             result=done.result, has_result=done.has_result)
 
@@ -74,6 +102,7 @@ async def handle_pong(ctx: DeviceContext, frame: Frame) -> None:
 
 async def handle_auth_refresh(ctx: DeviceContext, frame: Frame) -> None:
     refresh = frames.parse_auth_refresh(frame)
+    _spend_costly(ctx, frame)
     try:
         claims = ctx.authenticator.verify(refresh.token)
     except AuthError as exc:
@@ -100,6 +129,7 @@ async def handle_device_hello(ctx: DeviceContext, frame: Frame) -> None:
     ``hello_ack.runs`` is empty: this hello attached no running run.
     """
     hello = frames.parse_hello(frame)
+    _spend_costly(ctx, frame)
     if hello.device_id != ctx.conn.device_id:
         raise FrameError("device_id cannot change on a connection", ref=frame.type)
     ctx.conn.agent_ids = hello.agent_ids
@@ -122,9 +152,10 @@ HANDLERS: Final[dict[str, Handler]] = {
 
 
 async def dispatch(ctx: DeviceContext, raw: bytes | str) -> None:
-    """Handle one text frame; refusals become one ``error`` frame each."""
+    """Handle one text frame; refusals and failures become one ``error`` frame each."""
     conn = ctx.conn
     conn.frames_in += 1
+    frame_type: str | None = None  # known once the frame decoded
     try:
         frame = frames.decode(raw)
         handler = HANDLERS.get(frame.type)
@@ -132,12 +163,25 @@ async def dispatch(ctx: DeviceContext, raw: bytes | str) -> None:
             ctx.metrics.frame_in("unknown")
             log.debug("unknown_frame_type", frame_type=frame.type[:64])
             return
-        ctx.metrics.frame_in(frame.type)
+        frame_type = frame.type
+        ctx.metrics.frame_in(frame_type)
         await handler(ctx, frame)
     except FrameError as exc:
         await refuse(ctx, exc.code, exc.message, exc.ref)
     except RunRefused as exc:
-        await refuse(ctx, exc.code, exc.message, frame.type)
+        if exc.code != codes.BAD_FRAME:  # an unknown_run/run_finished answer may have cost a query
+            ctx.costly.take()
+        await refuse(ctx, exc.code, exc.message, frame_type)
+    except ConnectionGone:
+        raise  # the connection is ending anyway; its handler knows
+    except Exception as exc:
+        # A bug or a database fault in one handler: this frame is answered and
+        # the connection, with its other runs and calls, carries on.
+        ctx.metrics.frame_handler_failures.labels(frame_type or "undecoded").inc()
+        log.error("frame_handler_failed", frame_type=frame_type, error=repr(exc),
+                  exc_info=exc)
+        await refuse(ctx, codes.INTERNAL, "the gateway failed to handle this frame",
+                     frame_type)
 
 
 async def refuse(ctx: DeviceContext, code: str, message: str, ref: str | None) -> None:

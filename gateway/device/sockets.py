@@ -24,16 +24,39 @@ class DeviceSockets:
     _held: dict[web.WebSocketResponse, web.BaseRequest] = attrs.Factory(dict)
     # Upgraded sockets still waiting for their device_hello: in no registry yet.
     _before_hello: set[web.WebSocketResponse] = attrs.Factory(set)
+    # Sockets held and not yet past their hello, by user: one user's token must
+    # not take every connection slot with sockets that never say hello.
+    _pending_user: dict[web.WebSocketResponse, str] = attrs.Factory(dict)
+    _pending_count: dict[str, int] = attrs.Factory(dict)
     _none_held: asyncio.Event = attrs.Factory(asyncio.Event)
 
     def __len__(self) -> int:
         return len(self._held)
 
-    def opened(self, ws: web.WebSocketResponse, request: web.BaseRequest) -> None:
+    def opened(self, ws: web.WebSocketResponse, request: web.BaseRequest,
+               user_id: str) -> None:
         self._held[ws] = request
+        self._pending_user[ws] = user_id
+        self._pending_count[user_id] = self._pending_count.get(user_id, 0) + 1
         self._none_held.clear()
 
+    def pending_of(self, user_id: str) -> int:
+        """Sockets of ``user_id`` held and not yet past their hello."""
+        return self._pending_count.get(user_id, 0)
+
+    def hello_done(self, ws: web.WebSocketResponse) -> None:
+        """``ws`` said hello (or failed to): it no longer counts as pending."""
+        user_id = self._pending_user.pop(ws, None)
+        if user_id is None:
+            return
+        left = self._pending_count[user_id] - 1
+        if left:
+            self._pending_count[user_id] = left
+        else:
+            del self._pending_count[user_id]
+
     def closed(self, ws: web.WebSocketResponse) -> None:
+        self.hello_done(ws)
         self._held.pop(ws, None)
         self._before_hello.discard(ws)
         if not self._held:

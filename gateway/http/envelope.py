@@ -13,12 +13,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
 import structlog
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from aiohttp.typedefs import Handler
 
 from gateway.auth import ServiceTokens, bearer_token
@@ -145,6 +145,39 @@ def envelope(tokens: ServiceTokens) -> Callable[[Handler], Handler]:
         return enveloped
 
     return wrap
+
+
+ExpectHandler = Callable[[web.Request], Awaitable[web.StreamResponse | None]]
+
+
+def expect_continue(tokens: ServiceTokens) -> ExpectHandler:
+    """The internal API's ``Expect: 100-continue`` answer: the token first.
+
+    aiohttp's own handler sends "100 Continue" before any handler runs, so a
+    caller without a token was invited to send its body. Here a missing or
+    wrong token gets its 401 at once (and the connection closes: the body the
+    caller may still send is never read).
+    """
+
+    async def expect(request: web.Request) -> web.StreamResponse | None:
+        token = bearer_token(request.headers.get("Authorization"))
+        if token is None or not tokens.accepts(token):
+            response = error_response(401, codes.UNAUTHORIZED,
+                                      "a valid service bearer token is required")
+            response.force_close()
+            return response
+        if request.headers.get("Expect", "").lower() != "100-continue":
+            response = error_response(417, codes.BAD_REQUEST,
+                                      "only 'Expect: 100-continue' is understood")
+            response.force_close()
+            return response
+        if request.version == HttpVersion11:
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            # As aiohttp's own handler: the interim answer is not the response.
+            request.writer.output_size = 0
+        return None
+
+    return expect
 
 
 async def route_miss(request: web.Request) -> web.Response:

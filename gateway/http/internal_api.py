@@ -7,8 +7,8 @@ import datetime as dt
 import math
 import time
 import uuid
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 import orjson
 import structlog
@@ -19,7 +19,7 @@ from gateway.cluster.peers import PEER_PREFIX, PEERS, PeerFailed, PeerUnreachabl
 from gateway.cluster.presence import PRESENCE
 from gateway.device.connection import CallFailed, Connection
 from gateway.device.registry import REGISTRY
-from gateway.http.envelope import ApiError, json_response
+from gateway.http.envelope import ApiError, ExpectHandler, json_response
 from gateway.http.openapi import document_handler
 from gateway.http.streaming import stream_run_events
 from gateway.metrics import METRICS
@@ -28,7 +28,7 @@ from gateway.runs.tracking import parse_run_id
 from gateway.shutdown import SHUTDOWN
 from gateway.store import RUN_STATUSES, PresenceRow, RunRecord, Store
 from gateway.wire import codes
-from gateway.wire.frames import id_problem, jsonb_problem
+from gateway.wire.frames import id_problem, jsonb_problem, text_problem
 
 log = structlog.get_logger(__name__)
 
@@ -40,6 +40,11 @@ MAX_HARD_TIMEOUT_S = 24 * 3600.0
 LIST_LIMIT_DEFAULT = 50
 LIST_LIMIT_MAX = 1000
 TOOL_NAME_MAX = 256
+# Event seqs are PostgreSQL integers; a larger ?after= failed in the query,
+# after the stream's 200 had gone out.
+MAX_SEQ = 2**31 - 1
+
+T = TypeVar("T")
 
 CALL_FAILURE_STATUS = {
     codes.DEVICE_DISCONNECTED: 503,
@@ -47,6 +52,31 @@ CALL_FAILURE_STATUS = {
     codes.TIMEOUT: 504,
     codes.TOO_MANY_CALLS: 429,
 }
+
+
+# ---------------------------------------------------------------- side effects
+
+
+async def _to_the_end(coro: Coroutine[Any, Any, T], what: str) -> T:
+    """Run ``coro`` to its end even when the caller hangs up meanwhile.
+
+    The internal listener cancels a handler whose caller went away. A create or
+    a cancel interrupted between its commit and what follows it (dispatching
+    the run, telling the device) would leave a run `running` that no device
+    feeds, or a cancelled run its device keeps feeding. So the work runs as
+    its own task, which the cancelled handler still waits for.
+    """
+    task = asyncio.ensure_future(coro)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        try:
+            await task
+        except Exception as exc:  # nobody is left to answer: the log is the answer
+            log.warning("caller_gone_request_failed", request=what, error=repr(exc))
+        else:
+            log.info("caller_gone_request_completed", request=what)
+        raise
 
 
 # ---------------------------------------------------------------- input helpers
@@ -60,6 +90,8 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
         raise ApiError(400, codes.BAD_REQUEST, f"body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise ApiError(400, codes.BAD_REQUEST, "body must be a JSON object")
+    if problem := text_problem(raw, body):
+        raise ApiError(400, codes.BAD_REQUEST, f"body refused: {problem}")
     return body
 
 
@@ -116,7 +148,12 @@ def _parse_time(value: Any) -> dt.datetime:
         raise _bad("'scheduled_at' must be an ISO-8601 date-time") from None
     if moment.tzinfo is None:  # a time without an offset is read as UTC
         moment = moment.replace(tzinfo=dt.UTC)
-    return moment
+    try:
+        # In UTC here, so a time at the edge of Python's range (year 1 at +14:00)
+        # is refused now rather than failing as it is stored.
+        return moment.astimezone(dt.UTC)
+    except (OverflowError, ValueError):
+        raise _bad("'scheduled_at' is out of range") from None
 
 
 # ---------------------------------------------------------------- presence
@@ -274,8 +311,9 @@ async def create_run(request: web.Request) -> web.Response:
     scheduled_at = body.get("scheduled_at")
     moment = _parse_time(scheduled_at) if scheduled_at is not None else None
     assert user_id is not None and agent_id is not None
-    record = await request.app[RUNS].create(user_id=user_id, agent_id=agent_id, device_id=device_id,
-                                   input_value=input_value, scheduled_at=moment)
+    record = await _to_the_end(request.app[RUNS].create(
+        user_id=user_id, agent_id=agent_id, device_id=device_id, input_value=input_value,
+        scheduled_at=moment), "create_run")
     return json_response(record.as_json(), status=201)
 
 
@@ -311,7 +349,7 @@ async def list_runs(request: web.Request) -> web.Response:
 async def cancel_run(request: web.Request) -> web.Response:
     run_id = _run_id(request)
     try:
-        record = await request.app[RUNS].cancel(run_id)
+        record = await _to_the_end(request.app[RUNS].cancel(run_id), "cancel_run")
     except RunNotFound:
         raise ApiError(404, codes.RUN_NOT_FOUND, "no such run") from None
     except RunAlreadyFinished as exc:
@@ -328,26 +366,30 @@ async def run_events(request: web.Request) -> web.StreamResponse:
         after = int(after_text)
     except ValueError:
         raise _bad("'after' must be an integer") from None
-    if after < 0:
-        raise _bad("'after' must be 0 or more")
+    if not 0 <= after <= MAX_SEQ:
+        raise _bad(f"'after' must be 0-{MAX_SEQ}")
     await _record_or_404(request.app[RUNS].store, run_id)
     sse = "text/event-stream" in request.headers.get("Accept", "")
     return await stream_run_events(request, run_id, after=after, sse=sse)
 
 
-def add_routes(app: web.Application, *, wrap: Callable[[Handler], Handler]) -> None:
+def add_routes(app: web.Application, *, wrap: Callable[[Handler], Handler],
+               expect: ExpectHandler | None = None) -> None:
     """The internal API's routes, each inside the listener's envelope ``wrap``.
 
     Every route here is in gateway/openapi.json (tests/test_openapi.py checks).
+    ``expect`` answers ``Expect: 100-continue`` (aiohttp's default when None).
     """
-    app.router.add_get(f"{PREFIX}/openapi.json", wrap(document_handler()))
-    app.router.add_get(f"{PREFIX}/devices", wrap(list_devices))
-    app.router.add_post(f"{PREFIX}/tool-calls", wrap(create_tool_call))
-    app.router.add_post(f"{PREFIX}/runs", wrap(create_run))
-    app.router.add_get(f"{PREFIX}/runs", wrap(list_runs))
-    app.router.add_get(f"{PREFIX}/runs/{{run_id}}", wrap(get_run))
-    app.router.add_get(f"{PREFIX}/runs/{{run_id}}/events", wrap(run_events))
-    app.router.add_post(f"{PREFIX}/runs/{{run_id}}/cancel", wrap(cancel_run))
+    router = app.router
+    more: dict[str, Any] = {} if expect is None else {"expect_handler": expect}
+    router.add_get(f"{PREFIX}/openapi.json", wrap(document_handler()), **more)
+    router.add_get(f"{PREFIX}/devices", wrap(list_devices), **more)
+    router.add_post(f"{PREFIX}/tool-calls", wrap(create_tool_call), **more)
+    router.add_post(f"{PREFIX}/runs", wrap(create_run), **more)
+    router.add_get(f"{PREFIX}/runs", wrap(list_runs), **more)
+    router.add_get(f"{PREFIX}/runs/{{run_id}}", wrap(get_run), **more)
+    router.add_get(f"{PREFIX}/runs/{{run_id}}/events", wrap(run_events), **more)
+    router.add_post(f"{PREFIX}/runs/{{run_id}}/cancel", wrap(cancel_run), **more)
     # Between gateway processes (PROTOCOL.md §5), same service tokens.
-    app.router.add_post(f"{PEER_PREFIX}/tool-calls", wrap(create_tool_call))
-    app.router.add_post(f"{PEER_PREFIX}/runs/{{run_id}}/dispatch", wrap(peer_dispatch_run))
+    router.add_post(f"{PEER_PREFIX}/tool-calls", wrap(create_tool_call), **more)
+    router.add_post(f"{PEER_PREFIX}/runs/{{run_id}}/dispatch", wrap(peer_dispatch_run), **more)

@@ -52,6 +52,7 @@ async def metrics(request: web.Request) -> web.Response:
     writer = request.app[EVENT_WRITER]
     exported.event_queue_depth.set(writer.depth)
     exported.event_queue_capacity.set(writer.queue_max)
+    exported.asyncio_tasks.set(len(asyncio.all_tasks()))
     # The same check as /readyz, so an alert on gateway_ready == 0 fires for a
     # process that is up (scraped) but would be taken out of the balancer.
     status, _ = await _readiness(request.app)

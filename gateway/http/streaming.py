@@ -19,6 +19,9 @@ from gateway.shutdown import SHUTDOWN
 from gateway.store import RunRecord, StoredEvent
 
 EVENTS_PAGE = 1000
+# ... and at most this many bytes of event JSON (one larger event comes alone):
+# a page of 1000 events of 3.5 MiB each held 3.5 GiB.
+EVENTS_PAGE_BYTES = 8 * 1024 * 1024
 # A reader of a run fed through another gateway process is woken by that
 # process's NOTIFY of each committed batch (gateway/cluster/notify.py) and
 # re-reads the table; it also looks this often, should a notification be lost.
@@ -63,11 +66,13 @@ async def stream_run_events(
                 # The record first: if it says finished, everything is stored.
                 record = await store.get_run(run_id)
                 while True:
-                    events = await store.events_after(run_id, last, EVENTS_PAGE)
+                    events, more = await store.events_page(
+                        run_id, last, limit=EVENTS_PAGE, max_bytes=EVENTS_PAGE_BYTES)
                     if events:
                         await response.write(encode(events))
                         last = events[-1].seq
-                    if len(events) < EVENTS_PAGE:
+                    del events  # not held while the next page is read
+                    if not more:
                         break
                 if record is None or record.finished:
                     break

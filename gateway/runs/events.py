@@ -7,6 +7,17 @@ device's socket stops being read: memory
 stays bounded and no event is ever dropped (PROTOCOL.md §3.4). Only after a
 batch is committed are its events handed to live readers, so a reader that
 subscribes and then reads the database can never miss one.
+
+A failed write is classified (``_classify``): a broken connection, a server
+restarting, a timeout are *transient* and the same batch is tried again, for
+as long as it takes (devices stay paused; after ``stall_after_s`` without a
+commit the writer reports itself stalled and /readyz turns 503). Rows the
+database refuses for good (their run was deleted, data it cannot store) are
+*permanent*: the batch is split until only those rows are left, the others
+are stored, and the refused ones are dropped with an error log line naming
+run and seqs; ``on_lost`` then ends those runs. Anything else is a bug: it
+propagates to the supervisor, which logs it and restarts the loop with the
+buffer intact.
 """
 
 from __future__ import annotations
@@ -14,10 +25,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import datetime as dt
+import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 import asyncpg
+import asyncpg.exceptions._base as asyncpg_base
 import attrs
 import structlog
 from aiohttp import web
@@ -37,6 +50,36 @@ EventRecord = tuple[uuid.UUID, int, str, dt.datetime]
 PUTS_PER_TURN = 16
 RETRY_FIRST_S = 0.05
 RETRY_MAX_S = 2.0
+# Events waiting and no commit for this long: the writer is stalled (/readyz 503).
+STALL_AFTER_S = 10.0
+# Seqs named in one event_rows_dropped log line, at most.
+LOGGED_SEQS_MAX = 50
+
+# The rows themselves can never be stored, however often they are tried: a
+# foreign key (their run was deleted), a check or unique constraint, a value
+# the column type refuses (PostgreSQL class 22), a limit (class 54), or a
+# value asyncpg cannot encode.
+PERMANENT_ERRORS: tuple[type[Exception], ...] = (
+    asyncpg.IntegrityConstraintViolationError,
+    asyncpg.DataError,
+    asyncpg.ProgramLimitExceededError,
+    asyncpg_base.DataError,
+)
+# Every database failure; any but the permanent ones is transient: the same batch
+# may succeed later. The connection broke (mid-statement asyncpg raises
+# InternalClientError, neither of the other two), the server restarts, fails
+# over or refuses connections for now, the network, a statement timeout.
+DATABASE_ERRORS: tuple[type[Exception], ...] = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    OSError,
+    TimeoutError,
+)
+
+
+class PermanentWriteError(Exception):
+    """A batch failed with a permanent error (its ``__cause__``)."""
 
 
 @attrs.define(eq=False)
@@ -45,10 +88,17 @@ class EventWriter:
     metrics: Metrics
     live: LiveEvents
     queue_max: int = 20_000
+    # Bytes of event JSON buffered at most (one larger event is let in alone):
+    # 60 events of 3.5 MiB were 363 MiB under the count bound alone.
+    queue_max_bytes: int = 64 * 1024 * 1024
     batch_max: int = 2000
     # Told, after each commit, the highest seq stored per run in the batch
     # (acks under event_acks); must not wait for anything.
     on_commit: Callable[[Mapping[uuid.UUID, int]], None] | None = None
+    # Told, after a batch, the seqs per run the database refused for good; ends
+    # those runs. Awaited by the writer loop: a failure of its own is its to log.
+    on_lost: Callable[[Mapping[uuid.UUID, list[int]]], Awaitable[None]] | None = None
+    stall_after_s: float = STALL_AFTER_S
     _buffer: collections.deque[EventRecord] = attrs.Factory(collections.deque)
     _enqueued: int = 0  # events ever put
     _committed: int = 0  # events ever stored
@@ -57,6 +107,13 @@ class EventWriter:
     _flush_waiters: list[tuple[int, asyncio.Future[None]]] = attrs.Factory(list)
     _stopping: bool = False
     _stopped: asyncio.Event = attrs.Factory(asyncio.Event)
+    # The size of each buffered event, oldest first, and their sum. ``run`` only
+    # counts commits (``_committed``); ``_buffered_bytes`` lets the committed ones go.
+    _sizes: collections.deque[int] = attrs.Factory(collections.deque)
+    _sizes_total: int = 0
+    _sizes_released: int = 0
+    # time.monotonic() when the batch being written was first tried; None when idle.
+    _writing_since: float | None = None
 
     def __attrs_post_init__(self) -> None:
         self._has_room.set()
@@ -65,11 +122,26 @@ class EventWriter:
     def depth(self) -> int:
         return len(self._buffer)
 
+    def _buffered_bytes(self) -> int:
+        while self._sizes_released < self._committed and self._sizes:
+            self._sizes_total -= self._sizes.popleft()
+            self._sizes_released += 1
+        return self._sizes_total
+    def stalled(self) -> bool:
+        """A batch has waited longer than ``stall_after_s`` for its commit (Tasks asks)."""
+        since = self._writing_since
+        return since is not None and time.monotonic() - since > self.stall_after_s
+
     async def put(self, run_id: uuid.UUID, seq: int, data_json: str) -> None:
         """Queue one event; waits while the buffer is full (back-pressure)."""
-        while len(self._buffer) >= self.queue_max:
+        size = len(data_json)
+        while len(self._buffer) >= self.queue_max or (
+                self._buffer and self._buffered_bytes() + size > self.queue_max_bytes):
             self._has_room.clear()
             await self._has_room.wait()
+        self._buffered_bytes()
+        self._sizes.append(size)
+        self._sizes_total += size
         self._buffer.append((run_id, seq, data_json, dt.datetime.now(dt.UTC)))
         self._enqueued += 1
         self._has_work.set()
@@ -119,30 +191,94 @@ class EventWriter:
                 continue
             count = min(len(self._buffer), self.batch_max)
             batch = [self._buffer[i] for i in range(count)]
-            last_seq = await self._write_with_retry(batch)
+            if self._writing_since is None:
+                self._writing_since = time.monotonic()
+            lost = await self._write_isolating(batch)
+            self._writing_since = None
             for _ in range(count):
                 self._buffer.popleft()
-            self._committed += count
+            self._committed += count  # lost rows too: nobody may wait for them
             self._has_room.set()
-            self.metrics.events_stored.inc(count)
+            stored = batch
+            if lost:
+                gone = {(run_id, seq) for run_id, seq, _data, _at in lost}
+                stored = [e for e in batch if (e[0], e[1]) not in gone]
+            self.metrics.events_stored.inc(len(stored))
             self.metrics.event_batch_size.observe(count)
             self.metrics.event_queue_depth.set(len(self._buffer))
             self._release_flush_waiters()
-            self._publish(batch)
-            if self.on_commit is not None:
-                self.on_commit(last_seq)
+            self._publish(stored)
+            if self.on_commit is not None and stored:
+                self.on_commit(_last_seqs(stored))
+            if lost:
+                await self._report_lost(lost)
 
-    async def _write_with_retry(self, batch: list[EventRecord]) -> dict[uuid.UUID, int]:
-        last_seq: dict[uuid.UUID, int] = {}
-        for run_id, seq, _data, _at in batch:
-            if seq > last_seq.get(run_id, 0):
-                last_seq[run_id] = seq
+    async def _write_isolating(self, batch: list[EventRecord]) -> list[EventRecord]:
+        """Store ``batch``, or every row of it the database can take; return the others.
+
+        Transient errors are retried (``_write_with_retry``). On a permanent one
+        the batch is written run by run; a run whose rows break a foreign key
+        is gone (every row of it would), otherwise its rows are halved until
+        the refused ones stand alone. Order within a run is kept.
+        """
+        try:
+            await self._write_with_retry(batch)
+            return []
+        except PermanentWriteError as failure:
+            exc = failure.__cause__
+        by_run: dict[uuid.UUID, list[EventRecord]] = {}
+        for event in batch:
+            by_run.setdefault(event[0], []).append(event)
+        if len(by_run) > 1:
+            lost: list[EventRecord] = []
+            for rows in by_run.values():
+                lost += await self._write_isolating(rows)
+            return lost
+        if len(batch) == 1 or isinstance(exc, asyncpg.ForeignKeyViolationError):
+            self._log_lost(batch, exc)
+            return batch
+        half = len(batch) // 2
+        return (await self._write_isolating(batch[:half])
+                + await self._write_isolating(batch[half:]))
+
+    def _log_lost(self, rows: list[EventRecord], exc: BaseException | None) -> None:
+        self.metrics.events_dropped.inc(len(rows))
+        self.metrics.db_errors.labels("write_events_refused").inc()
+        seqs = [seq for _run, seq, _data, _at in rows]
+        log.error("event_rows_dropped", run_id=str(rows[0][0]), count=len(seqs),
+                  seqs=seqs[:LOGGED_SEQS_MAX], error=repr(exc))
+
+    async def _report_lost(self, lost: list[EventRecord]) -> None:
+        by_run: dict[uuid.UUID, list[int]] = {}
+        for run_id, seq, _data, _at in lost:
+            by_run.setdefault(run_id, []).append(seq)
+        if self.on_lost is not None:
+            await self.on_lost(by_run)
+
+    async def _write_with_retry(self, batch: list[EventRecord]) -> None:
+        """Write ``batch`` in one statement, retrying transient errors until it is stored.
+
+        Raises PermanentWriteError when the rows can never be stored; anything
+        unclassified propagates (a bug: the supervisor logs and restarts).
+        """
+        last_seq = _last_seqs(batch)
         delay = RETRY_FIRST_S
+        retried = False
         while True:
             try:
                 await self.store.write_events(batch, last_seq)
-                return last_seq
-            except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
+                return
+            except asyncpg.UniqueViolationError as exc:
+                if retried:
+                    # The connection broke after the commit, before its answer:
+                    # the statement is atomic, so the whole batch is stored.
+                    log.warning("event_batch_already_stored", batch=len(batch), error=repr(exc))
+                    return
+                raise PermanentWriteError(repr(exc)) from exc
+            except PERMANENT_ERRORS as exc:
+                raise PermanentWriteError(repr(exc)) from exc
+            except DATABASE_ERRORS as exc:
+                retried = True
                 # Never drop: keep the batch, back off, try again. Devices stay
                 # paused meanwhile because the buffer stays full.
                 self.metrics.db_errors.labels("write_events").inc()
@@ -174,6 +310,15 @@ class EventWriter:
                 by_run.setdefault(run_id, []).append(StoredEvent(seq, data, received_at))
         for run_id, events in by_run.items():
             self.live.publish(run_id, events)
+
+
+def _last_seqs(batch: list[EventRecord]) -> dict[uuid.UUID, int]:
+    """The highest seq per run in ``batch`` (the runs' new event_count)."""
+    last_seq: dict[uuid.UUID, int] = {}
+    for run_id, seq, _data, _at in batch:
+        if seq > last_seq.get(run_id, 0):
+            last_seq[run_id] = seq
+    return last_seq
 
 
 EVENT_WRITER = web.AppKey("event_writer", EventWriter)

@@ -24,13 +24,24 @@ from aiohttp import web
 
 from gateway.metrics import Metrics
 from gateway.runs.continuity import Continuity
-from gateway.runs.events import EventWriter
+from gateway.runs.events import DATABASE_ERRORS, EventWriter
 from gateway.runs.live import LiveEvents
 from gateway.runs.tracking import ActiveRun, RunTarget, Tracking, parse_run_id
 from gateway.store import RunRecord, Store
 from gateway.wire import codes, messages
 
 log = structlog.get_logger(__name__)
+
+# agent_run_logs.errors and agent_cancel.reason of a run some of whose events
+# the database refused for good (PROTOCOL.md §3.4 cannot be kept for it).
+RUN_ERROR_EVENTS_LOST = "events could not be stored"
+# What a device hears when its agent_complete could not be written: the run
+# stays tracked, and the same agent_complete may be sent again.
+COMPLETE_FAILED = "the run's end could not be stored; send agent_complete again"
+# What ending a run can fail with when the database, not the frame, is at fault:
+# whatever the event writer retries, or the writer stopped (a drain).
+STORE_ERRORS: tuple[type[Exception], ...] = (*DATABASE_ERRORS, RuntimeError)
+
 
 class RunTargets(Protocol):
     """Where runs find their device: the registry of connected devices."""
@@ -86,6 +97,7 @@ class Runs:
 
     def __attrs_post_init__(self) -> None:
         self.writer.on_commit = self._stored
+        self.writer.on_lost = self._events_lost
 
     # ------------------------------------------------------------ start-up
 
@@ -243,6 +255,27 @@ class Runs:
                 if active.target.event_acks:
                     self._acknowledge(active)
 
+    async def _events_lost(self, lost: Mapping[uuid.UUID, list[int]]) -> None:
+        """The database refused some events of these runs for good: end each run.
+
+        Its device is told to stop (agent_cancel) and the run is marked error,
+        so nothing claims it was stored whole. A run deleted underneath us has
+        nothing left to mark. Called by the writer loop; never raises.
+        """
+        for run_id in lost:
+            await self._stop_active(run_id, RUN_ERROR_EVENTS_LOST)
+            self.live.end(run_id)
+        try:
+            failed = await self.store.fail_runs(sorted(lost), RUN_ERROR_EVENTS_LOST)
+        except Exception as exc:  # the disconnect cleanup or the next sweep ends them
+            log.error("run_fail_after_lost_events_failed", error=repr(exc),
+                      runs=[str(r) for r in lost])
+            return
+        if failed:
+            self.metrics.runs.labels("error").inc(len(failed))
+        log.error("runs_ended_events_lost", runs=[str(r) for r in lost],
+                  failed=[str(r) for r in failed])
+
     def _acknowledge(self, active: ActiveRun) -> None:
         try:
             active.target.send(messages.agent_ack(run_id=str(active.run_id),
@@ -260,10 +293,17 @@ class Runs:
         # Reported finished only once every event is stored (§3.4). The run stays
         # tracked until its end is written, so a failed write still leaves it to
         # the disconnect cleanup; this device's frames wait meanwhile anyway.
-        await self.writer.flush()
-        record = await self.store.finish_run(
-            active.run_id, status=status, errors=errors,
-            result_json=orjson.dumps(result).decode() if has_result else None)
+        try:
+            await self.writer.flush()
+            record = await self.store.finish_run(
+                active.run_id, status=status, errors=errors,
+                result_json=orjson.dumps(result).decode() if has_result else None)
+        except STORE_ERRORS as exc:
+            # Not the device's fault, and not its other runs' business: the run
+            # stays tracked and the device may say agent_complete again.
+            self.metrics.db_errors.labels("finish_run").inc()
+            log.error("run_finish_failed", run_id=str(active.run_id), error=repr(exc))
+            raise RunRefused(codes.INTERNAL, COMPLETE_FAILED) from exc
         self.tracking.forget(active)
         self.live.end(active.run_id)
         if record is None:

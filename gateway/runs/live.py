@@ -17,12 +17,18 @@ from aiohttp import web
 
 from gateway.store import StoredEvent
 
+# Bytes of event JSON one reader may have waiting, besides the event count: a
+# reader of large events re-reads the database (in pages bounded by bytes too).
+SUBSCRIBER_MAX_BYTES = 8 * 1024 * 1024
+
 
 @attrs.define(eq=False)
 class Subscription:
     run_id: uuid.UUID
     capacity: int
+    capacity_bytes: int = SUBSCRIBER_MAX_BYTES
     _events: collections.deque[StoredEvent] = attrs.Factory(collections.deque)
+    _bytes: int = 0
     overflowed: bool = False
     ended: bool = False
     _signal: asyncio.Event = attrs.Factory(asyncio.Event)
@@ -30,12 +36,15 @@ class Subscription:
     def push(self, events: Sequence[StoredEvent]) -> None:
         if self.overflowed:
             return
-        if len(self._events) + len(events) > self.capacity:
+        size = self._bytes + sum(len(event.data) for event in events)
+        if len(self._events) + len(events) > self.capacity or size > self.capacity_bytes:
             # Past its bound the reader re-reads the database instead.
             self._events.clear()
+            self._bytes = 0
             self.overflowed = True
         else:
             self._events.extend(events)
+            self._bytes = size
         self._signal.set()
 
     def end(self) -> None:
@@ -59,6 +68,7 @@ class Subscription:
         events = list(self._events)
         overflowed = self.overflowed
         self._events.clear()
+        self._bytes = 0
         self.overflowed = False
         self._signal.clear()
         if self.ended:

@@ -37,6 +37,7 @@ TOOL_ERROR: Final = "tool_error"
 # HTTP error codes.
 UNAUTHORIZED: Final = "unauthorized"
 OVER_CAPACITY: Final = "over_capacity"
+TOO_MANY_HANDSHAKES: Final = "too_many_handshakes"
 SHUTTING_DOWN: Final = "shutting_down"
 BAD_REQUEST: Final = "bad_request"
 PAYLOAD_TOO_LARGE: Final = "payload_too_large"

@@ -7,6 +7,7 @@ ownership question is asked (PROTOCOL.md §1.4).
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -25,6 +26,21 @@ EVENT_ACKS = "event_acks"
 # because field devices send machine ids and host names.
 _CONTROL_CHARS = re.compile("[\x00-\x1f\x7f-\x9f]")
 _RUN_STATUSES_FROM_DEVICE = ("completed", "error")
+# PROTOCOL.md §1.4: a value at most 128 arrays/objects deep, `[1]` being 1 deep.
+# orjson reads up to 1024 levels but writes at most 255, so a deeper value was
+# accepted and then failed to serialise (1011, 500).
+MAX_NESTING = 128
+# orjson keeps integers within i64/u64 and silently turns larger ones into
+# floats. Every integer of at most 18 digits fits, so only a run of 19 or more
+# digits (rare, and also matched inside strings and fractions) asks for the
+# exact, slower check. One translate finds both that and the brackets: digits
+# become "0", "[" and "{" become "[", all else "x" (a sixth of a regex's cost).
+_SHAPE = bytes(0x30 if 0x30 <= c <= 0x39 else 0x5B if c in (0x5B, 0x7B) else 0x78
+               for c in range(256))
+_LONG_DIGITS = b"0" * 19
+_INT_MIN = -(2**63)
+_INT_MAX = 2**64 - 1
+BIG_INTEGER = "integers beyond 64 bits are not supported"
 
 
 class FrameError(Exception):
@@ -48,6 +64,57 @@ class Frame:
     may_hold_nul: bool
 
 
+class _BigInteger(ValueError):
+    pass
+
+
+def _exact_int(text: str) -> int:
+    value = int(text)
+    if not _INT_MIN <= value <= _INT_MAX:
+        raise _BigInteger(text)
+    return value
+
+
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests arrays/objects deeper than ``limit``."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children
+                     if isinstance(child, dict | list))
+    return False
+
+
+def text_problem(raw: bytes | str, value: Any, *, envelope_levels: int = 1) -> str | None:
+    """Why a decoded JSON text cannot be kept as sent, or None.
+
+    ``envelope_levels``: levels of ``value`` around the fields the 128-level
+    bound is about (a frame or a request body is itself one object). Both
+    checks start with a scan of the text that is cheap next to the decoding
+    (the event path is hot) and walk or re-read only when that scan hits.
+    """
+    limit = MAX_NESTING + envelope_levels
+    shape = (raw if isinstance(raw, bytes) else raw.encode()).translate(_SHAPE)
+    if shape.count(b"[") > limit and _depth_exceeds(value, limit):
+        return f"values must not be nested deeper than {MAX_NESTING} levels"
+    if _LONG_DIGITS in shape:
+        try:
+            json.loads(raw, parse_int=_exact_int)
+        except _BigInteger:
+            return BIG_INTEGER
+        except (ValueError, RecursionError):  # orjson read it; its reading stands
+            return None
+    return None
+
+
 def decode(raw: bytes | str) -> Frame:
     """JSON text → Frame; raises FrameError(ref=None) when the envelope is unreadable."""
     try:
@@ -59,6 +126,8 @@ def decode(raw: bytes | str) -> Frame:
     frame_type = value.get("type")
     if not isinstance(frame_type, str):
         raise FrameError("a frame needs a string field 'type'", ref=None)
+    if problem := text_problem(raw, value):
+        raise FrameError(problem, ref=frame_type)
     needle: bytes | str = b"\\u0000" if isinstance(raw, bytes) else "\\u0000"
     return Frame(frame_type, value, needle in raw)  # type: ignore[operator]
 

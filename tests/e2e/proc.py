@@ -40,6 +40,7 @@ _STRIPPED = frozenset({"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN
 READY_TIMEOUT_S = 30.0  # a cold dev-mode start runs initdb
 POLL_INTERVAL_S = 0.05
 COMMAND_TIMEOUT_S = 60.0
+PORT_ATTEMPTS = 3
 
 
 def free_port() -> int:
@@ -242,9 +243,20 @@ def running_gateway(env: Mapping[str, str], *, log_dir: Path | None = None,
     ``client_ssl``: the public listener speaks TLS (GATEWAY_TLS_* in ``env``), and
     this context, trusting its CA, is how the helpers reach it.
     """
-    proc = start_gateway(env, log_dir=log_dir, client_ssl=client_ssl)
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        proc = start_gateway(env, log_dir=log_dir, client_ssl=client_ssl)
+        try:
+            proc.wait_ready(ready_timeout)
+            break
+        except AssertionError:
+            proc.kill()
+            # A port picked free was taken before the gateway bound it (another
+            # process's ephemeral port): pick again, unless the ports were given.
+            picked = "GATEWAY_PUBLIC_PORT" not in env and "GATEWAY_INTERNAL_PORT" not in env
+            if not (picked and attempt < PORT_ATTEMPTS and "address already in use"
+                    in proc.stdout() + proc.stderr()):
+                raise
     try:
-        proc.wait_ready(ready_timeout)
         yield proc
     finally:
         proc.kill()

@@ -39,12 +39,7 @@ REQUEST_TIMEOUT_S = 15.0
 RUN_TIMEOUT_S = 15.0
 # Failures schemathesis finds in today's gateway, each fixed elsewhere: strict,
 # so the test fails (XPASS) once the fix lands and the entry must go.
-KNOWN_FAILURES = {
-    "GET /internal/v1/runs/{run_id}/events": (
-        "?after=2147483648 on an existing run overflows the int4 seq in PostgreSQL after the "
-        "stream has started: the connection is cut instead of a 400 (input validation of "
-        "internal_api.py, fixed on another branch)"),
-}
+KNOWN_FAILURES: dict[str, str] = {}
 
 
 def crosses_the_timeout_rule(case: Any) -> bool:
