@@ -13,7 +13,9 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import AsyncIterator, Callable
+import socket
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping
 
 import asyncpg
 import attrs
@@ -21,10 +23,21 @@ import structlog
 from aiohttp import web
 
 from gateway.auth import AUTHENTICATOR, DeviceAuthenticator, ServiceTokens, hmac_key_shortfall
+from gateway.cluster.notify import (
+    DEVICES_CHANNEL,
+    EVENTS_CHANNEL,
+    RUN_CANCELLED_CHANNEL,
+    EventAnnouncer,
+    Notifications,
+    parse_device_message,
+)
+from gateway.cluster.peers import PEERS, Peers, dispatch_elsewhere
+from gateway.cluster.presence import PRESENCE, Held, Presence
 from gateway.config import SETTINGS, Secrets, Settings, redacted_summary
 from gateway.dev.devmode import print_banner
 from gateway.device.app_ping import app_ping_loop
 from gateway.device.endpoint import device_ws
+from gateway.device.moved import let_go
 from gateway.device.registry import REGISTRY, Registry
 from gateway.device.sockets import DEVICE_SOCKETS, DeviceSockets
 from gateway.http import internal_api, ops
@@ -34,16 +47,15 @@ from gateway.http.tls import ServerTls, reload_on_sighup
 from gateway.logs import AccessLogger, InternalAccessLogger
 from gateway.metrics import METRICS, Metrics
 from gateway.migrate import apply_migrations, default_migrations_dir
-from gateway.runs.cancels import listen_for_cancels
 from gateway.runs.continuity import Continuity
 from gateway.runs.events import EVENT_WRITER, EventWriter
 from gateway.runs.lifecycle import RUNS, Runs
 from gateway.runs.live import LIVE, LiveEvents
 from gateway.runs.retention import retention_loop
 from gateway.runs.scheduler import run_scheduler
-from gateway.runs.tracking import Tracking
+from gateway.runs.tracking import Tracking, parse_run_id
 from gateway.shutdown import SHUTDOWN, Shutdown
-from gateway.store import Store, create_pool
+from gateway.store import ClusterStore, Store, create_pool
 from gateway.systemd import SystemdNotifier
 from gateway.tasks import TASKS, Tasks
 from gateway.wire import codes
@@ -104,6 +116,10 @@ class Gateway:
     service_tokens: ServiceTokens
     shutdown: Shutdown
     tasks: Tasks
+    presence: Presence
+    peers: Peers
+    notifications: Notifications
+    announcer: EventAnnouncer
 
     @property
     def draining(self) -> bool:
@@ -146,20 +162,33 @@ async def open_gateway(
         runs = Runs(store=store, writer=writer, live=live, metrics=metrics,
                     instance_id=settings.instance_id, targets=registry,
                     continuity=continuity, tracking=tracking)
+        cluster_store = ClusterStore(pool)
+        presence = Presence(store=cluster_store, metrics=metrics,
+                            instance_id=settings.instance_id, ttl_s=settings.instance_ttl_s,
+                            detach_dead_runs=continuity.enabled,
+                            advertise_url=settings.advertise_url)
+        peers = Peers(token=secrets.internal_tokens[0] if secrets.internal_tokens else "")
+        announcer = EventAnnouncer(cluster_store, settings.instance_id, metrics)
+        notifications = Notifications(dsn, metrics)
         gw = Gateway(
             settings=settings, secrets=secrets, pool=pool, store=store, registry=registry,
             device_sockets=DeviceSockets(), live=live, writer=writer, runs=runs,
             metrics=metrics,
             authenticator=DeviceAuthenticator.from_settings(settings, secret=secrets.jwt_secret),
             service_tokens=ServiceTokens.of(secrets.internal_tokens),
-            shutdown=Shutdown(), tasks=Tasks(),
+            shutdown=Shutdown(), tasks=Tasks(), presence=presence, peers=peers,
+            notifications=notifications, announcer=announcer,
         )
+        _wire_cluster(gw, cluster_store)
+        await presence.start()
         # Before any device is accepted: runs left attached by our previous life.
         await runs.mark_orphans()
         tasks = gw.tasks
         tasks.supervise(EVENT_WRITER_TASK, writer.run, stalled=writer.stalled)
         tasks.supervise("run-scheduler", lambda: run_scheduler(runs, metrics))
-        tasks.supervise("cancel-listener", lambda: listen_for_cancels(runs, metrics, dsn))
+        tasks.supervise("listener", notifications.run)
+        tasks.supervise("event-announcer", announcer.run)
+        tasks.supervise("presence-heartbeat", presence.heartbeat_loop)
         if continuity.enabled:
             tasks.supervise("run-expiry", continuity.expire_loop)
         if settings.app_ping:
@@ -181,6 +210,65 @@ async def _stop(gw: Gateway) -> None:
     await gw.writer.stop(max(gw.shutdown.time_left(budget), WRITER_STOP_MIN_S))
     await gw.tasks.close()
     await _sweep(gw.runs, gw.shutdown.time_left(budget))
+    await gw.presence.stop()
+    await gw.peers.close()
+
+
+def _wire_cluster(gw: Gateway, cluster_store: ClusterStore) -> None:
+    """What the other processes tell us, and what we tell them (PROTOCOL.md §5)."""
+    runs, live, announcer = gw.runs, gw.live, gw.announcer
+    instance_id = gw.settings.instance_id
+
+    stored = gw.writer.on_commit
+
+    def committed(last_seq_by_run: Mapping[uuid.UUID, int]) -> None:
+        if stored is not None:
+            stored(last_seq_by_run)
+        announcer.committed(last_seq_by_run)
+
+    gw.writer.on_commit = committed
+    live.on_end = announcer.ended
+
+    async def dispatch(run_id: uuid.UUID, user_id: str, agent_id: str,
+                       device_id: str | None) -> bool:
+        return await dispatch_elsewhere(gw.presence, gw.peers, run_id, user_id, agent_id,
+                                        device_id)
+
+    runs.dispatch_elsewhere = dispatch
+
+    async def on_events(payload: str) -> None:
+        sender, _, rest = payload.partition(" ")
+        if sender == instance_id:
+            return  # our own readers were handed the events directly
+        run_id = parse_run_id(rest.partition(" ")[0])
+        if run_id is not None and live.wanted(run_id):
+            live.nudge(run_id)
+
+    async def on_devices(payload: str) -> None:
+        message = parse_device_message(payload)
+        if message is None or message.get("instance_id") != instance_id:
+            return
+        if message.get("op") == "replace":
+            await let_go(gw.registry, runs, gw.presence, user_id=message.get("user_id", ""),
+                         device_id=message.get("device_id", ""),
+                         connection_id=message.get("connection_id", ""))
+
+    async def lost(conn: Held) -> None:
+        await let_go(gw.registry, runs, gw.presence, user_id=conn.user_id,
+                     device_id=conn.device_id, connection_id=conn.connection_id)
+
+    gw.presence.on_lost = lost
+
+    async def resync() -> None:
+        live.nudge_all()
+        for run_id in await cluster_store.cancelled_among(runs.tracked_run_ids()):
+            await runs.cancelled_elsewhere(str(run_id))
+
+    notifications = gw.notifications
+    notifications.on(RUN_CANCELLED_CHANNEL, runs.cancelled_elsewhere)
+    notifications.on(EVENTS_CHANNEL, on_events)
+    notifications.on(DEVICES_CHANNEL, on_devices)
+    notifications.on_reconnect.append(resync)
 
 
 async def _close_pool(pool: asyncpg.Pool, *, within_s: float) -> None:
@@ -217,6 +305,8 @@ def _provide(app: web.Application, gw: Gateway) -> None:
     app[LIVE] = gw.live
     app[EVENT_WRITER] = gw.writer
     app[TASKS] = gw.tasks
+    app[PRESENCE] = gw.presence
+    app[PEERS] = gw.peers
 
 
 def build_public_app(gw: Gateway) -> web.Application:
@@ -306,6 +396,19 @@ async def watchdog_loop(gw: Gateway, notifier: SystemdNotifier, interval: float)
         await asyncio.sleep(interval)
 
 
+PARENT_CHECK_S = 1.0
+
+
+async def watch_parent(parent_pid: int, stop: asyncio.Event) -> None:
+    """A worker of ``serve --workers N``: its parent gone (SIGKILL), it drains and exits."""
+    while True:  # no event tells us: getppid() changes when the parent dies
+        if os.getppid() != parent_pid:
+            break
+        await asyncio.sleep(PARENT_CHECK_S)
+    log.error("worker_parent_gone", parent_pid=parent_pid)
+    stop.set()
+
+
 async def serve(
     settings: Settings, secrets: Secrets, dsn: str, *, on_force_exit: Callable[[], None]
 ) -> int:
@@ -339,15 +442,24 @@ async def serve(
             assert runner.server is not None
             admission.attach(runner.server)
         try:
+            reuse = settings.reuse_port or None
             # A reconnect storm: aiohttp's default backlog of 128 drops SYNs, and each
             # dropped device waits out TCP's retransmission (1 s, 3 s, 7 s, …). The
             # kernel caps this at net.core.somaxconn.
             await web.TCPSite(public, settings.public_host, settings.public_port,
                               ssl_context=tls.context if tls else None,
-                              backlog=LISTEN_BACKLOG).start()
-            await web.TCPSite(internal, settings.internal_host, settings.internal_port).start()
+                              reuse_port=reuse, backlog=LISTEN_BACKLOG).start()
+            await web.TCPSite(internal, settings.internal_host, settings.internal_port,
+                              reuse_port=reuse).start()
             public_port = _port_of(public, settings.public_port)
             internal_port = _port_of(internal, settings.internal_port)
+            advertised_port = internal_port
+            if settings.peer_port is not None:
+                # A worker sharing the internal port: its siblings need its own.
+                await web.TCPSite(internal, settings.internal_host, settings.peer_port).start()
+                advertised_port = _port_of(internal, settings.peer_port, last=True)
+            await gw.presence.advertise(
+                settings.advertise_url or advertise_url(settings.internal_host, advertised_port))
             log.info("gateway_listening", public=f"{settings.public_host}:{public_port}",
                      internal=f"{settings.internal_host}:{internal_port}",
                      instance_id=settings.instance_id, tls=tls is not None)
@@ -361,6 +473,9 @@ async def serve(
                 every = interval
                 gw.tasks.supervise("systemd-watchdog",
                                    lambda: watchdog_loop(gw, notifier, every))
+            if settings.parent_pid is not None:
+                parent = settings.parent_pid
+                gw.tasks.supervise("parent-watch", lambda: watch_parent(parent, stop.event))
             await stop.event.wait()
 
             gw.shutdown.begin(settings.shutdown_timeout_s)
@@ -379,11 +494,21 @@ async def serve(
     return 0
 
 
-def _port_of(runner: web.AppRunner, configured: int) -> int:
-    for address in runner.addresses:
+def _port_of(runner: web.AppRunner, configured: int, *, last: bool = False) -> int:
+    addresses = runner.addresses[::-1] if last else runner.addresses
+    for address in addresses:
         if isinstance(address, tuple) and len(address) >= 2:
             return int(address[1])
     return configured
+
+
+def advertise_url(host: str, port: int) -> str:
+    """GATEWAY_ADVERTISE_URL's default (PROTOCOL.md §4): a wildcard host is our name."""
+    if host in ("0.0.0.0", "::", ""):
+        host = socket.gethostname()
+    elif ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
 
 
 def run(settings: Settings, secrets: Secrets, dsn: str,

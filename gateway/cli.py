@@ -11,7 +11,14 @@ from collections.abc import Callable, Sequence
 import asyncpg
 import structlog
 
-from gateway.config import ConfigError, Settings, add_arguments, describe, flags_from_namespace
+from gateway.config import (
+    ConfigError,
+    Secrets,
+    Settings,
+    add_arguments,
+    describe,
+    flags_from_namespace,
+)
 from gateway.config import load_settings as build_settings
 
 log = structlog.get_logger(__name__)
@@ -113,6 +120,8 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     from gateway.dev.devmode import resolve_secrets
 
     secrets = resolve_secrets(settings)
+    if settings.workers > 1:
+        return _serve_workers(settings, secrets, args)
     dsn, stop_db, stop_db_now = _database(settings)
     try:
         return run(settings, secrets, dsn, stop_db_now)
@@ -120,6 +129,24 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         log.error("gateway_failed", error=str(exc))
         print(f"gateway failed: {exc}", file=sys.stderr)
         return 1
+    finally:
+        stop_db()
+
+
+def _serve_workers(settings: Settings, secrets: Secrets, args: argparse.Namespace) -> int:
+    """GATEWAY_WORKERS=N: this process supervises N workers (gateway/cluster/workers.py)."""
+    from gateway.cluster.workers import Supervisor, check
+    from gateway.dev.devmode import print_banner
+    from gateway.systemd import SystemdNotifier
+
+    check(settings)
+    dsn, stop_db, _ = _database(settings)  # the embedded database once, for every worker
+    try:
+        if settings.dev_mode:
+            print_banner(settings, secrets, public_port=settings.public_port,
+                         internal_port=settings.internal_port)
+        notifier = SystemdNotifier(settings.notify_socket)
+        return Supervisor(settings, secrets, dsn, flags_from_namespace(args), notifier).run()
     finally:
         stop_db()
 
@@ -257,3 +284,7 @@ def cmd_device(settings: Settings, args: argparse.Namespace) -> int:
                                reconnect_max_s=args.reconnect_max_s,
                                max_unacked=args.max_unacked, mint_token=mint)
     return asyncio.run(run_simulator(options))
+
+
+if __name__ == "__main__":  # `python -m gateway.cli`: how `serve --workers N` starts each worker
+    sys.exit(main())

@@ -65,6 +65,16 @@ class Settings:
     shutdown_timeout_s: float = 10.0
     instance_id: str = ""
     run_resume_s: float = 30.0
+    # Several processes on one PostgreSQL (PROTOCOL.md §5).
+    workers: int = 1
+    advertise_url: str | None = None  # None: computed from the internal listener
+    instance_ttl_s: float = 15.0
+    # Beyond the contract, set by `serve --workers N` for each worker: an extra
+    # internal listener of its own (0: an ephemeral port) that its siblings
+    # reach it at, and SO_REUSEPORT on the shared listeners.
+    peer_port: int | None = None
+    reuse_port: bool = False
+    parent_pid: int | None = None
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     trusted_proxies: tuple[IPNetwork, ...] = ()
@@ -190,6 +200,13 @@ def _networks(value: str) -> tuple[IPNetwork, ...]:
     return tuple(networks)
 
 
+def _url(value: str) -> str:
+    value = _text(value).rstrip("/")
+    if not value.startswith(("http://", "https://")):
+        raise ValueError("must be an http:// or https:// URL")
+    return value
+
+
 def _choice(*choices: str) -> Callable[[str], str]:
     def parse(value: str) -> str:
         lowered = value.strip().lower()
@@ -284,6 +301,18 @@ OPTIONS: tuple[Option, ...] = (
     Option("run_resume_s", "GATEWAY_RUN_RESUME_S", _non_negative_float,
            "seconds a device has to reconnect and resume its running runs; 0 fails them at "
            "once"),
+    Option("workers", "GATEWAY_WORKERS", _positive_int,
+           "gateway processes this command runs, sharing both ports (SO_REUSEPORT)"),
+    Option("advertise_url", "GATEWAY_ADVERTISE_URL", _url,
+           "URL of this process's internal API as other processes reach it"),
+    Option("instance_ttl_s", "GATEWAY_INSTANCE_TTL_S", _positive_float,
+           "a process whose heartbeat is older than this is dead, seconds"),
+    Option("peer_port", "GATEWAY_PEER_PORT", _port,
+           "an extra internal listener only for sibling processes (set per worker)"),
+    Option("reuse_port", "GATEWAY_REUSE_PORT", _bool,
+           "bind the public and internal ports with SO_REUSEPORT (set per worker)"),
+    Option("parent_pid", "GATEWAY_PARENT_PID", _positive_int,
+           "drain and exit when this process is gone (set per worker)"),
     Option("tls_cert_file", "GATEWAY_TLS_CERT_FILE", lambda v: Path(_text(v)),
            "PEM certificate chain: the public listener speaks TLS (re-read on SIGHUP)"),
     Option("tls_key_file", "GATEWAY_TLS_KEY_FILE", lambda v: Path(_text(v)),
@@ -311,6 +340,7 @@ OPTIONS: tuple[Option, ...] = (
 DEFAULT_SHOWN = {
     "instance_id": "<hostname>:<public port>",
     "log_format": "json; console on a terminal",
+    "advertise_url": "http://<internal host>:<internal port>",
 }
 
 SYSTEMD_VARIABLES = {

@@ -58,6 +58,10 @@ class Metrics:
     retention_days: Gauge = attrs.field(init=False)
     retention_removed: Counter = attrs.field(init=False)
     retention_oldest_age: Gauge = attrs.field(init=False)
+    calls_forwarded: Counter = attrs.field(init=False)
+    instances_reaped: Counter = attrs.field(init=False)
+    listener_connections: Counter = attrs.field(init=False)
+    events_announced: Counter = attrs.field(init=False)
     # Labelled children cached: .labels() takes a lock and builds a key per call,
     # too much for a per-frame path.
     _frames_in_by_type: dict[str, Any] = attrs.field(init=False, factory=dict)
@@ -146,6 +150,21 @@ class Metrics:
             registry=r)
         for table in ("agent_run_logs", "agent_run_events"):
             self.retention_removed.labels(table)
+        # Several processes (PROTOCOL.md §5).
+        self.calls_forwarded = Counter(
+            "gateway_tool_calls_forwarded_total", "Tool calls for a device held by another "
+            "gateway process, sent there, by outcome (forwarded: its answer came back)",
+            ["outcome"], registry=r)
+        self.instances_reaped = Counter(
+            "gateway_instances_reaped_total", "Dead gateway processes (heartbeat older than "
+            "GATEWAY_INSTANCE_TTL_S) whose devices and runs this process cleaned up",
+            registry=r)
+        self.listener_connections = Counter(
+            "gateway_listener_connections_total", "LISTEN connections made (more than one: "
+            "a connection was lost or went silent and was replaced)", registry=r)
+        self.events_announced = Counter(
+            "gateway_event_notifications_total", "NOTIFYs sent for committed event batches "
+            "(one per run per batch) so readers on other processes follow", registry=r)
 
     def frame_in(self, frame_type: str) -> None:
         child = self._frames_in_by_type.get(frame_type)

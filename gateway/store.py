@@ -622,3 +622,247 @@ async def oldest_finished_age_s(conn: Conn) -> float | None:
 def _row_count(status: str) -> int:
     """The count of an asyncpg command status such as ``DELETE 42``."""
     return int(status.rsplit(" ", 1)[-1])
+
+
+# ---------------------------------------------------------------- cluster (PROTOCOL.md §5)
+#
+# gateway_instances says which processes are alive (heartbeat younger than the
+# TTL); device_presence says which process holds which device. Only rows of
+# live instances count anywhere: a dead process's rows are ignored at once and
+# removed by the reaper of whichever live process gets there first.
+
+UPSERT_INSTANCE = """
+INSERT INTO gateway_instances (instance_id, advertise_url, started_at, heartbeat_at)
+VALUES ($1, $2, now(), now())
+ON CONFLICT (instance_id) DO UPDATE
+   SET advertise_url = EXCLUDED.advertise_url, started_at = now(), heartbeat_at = now()
+"""
+
+# The heartbeat; no row back means another process reaped us (a stall past the
+# TTL): we register again and rewrite our presence.
+HEARTBEAT_INSTANCE = """
+UPDATE gateway_instances SET heartbeat_at = now() WHERE instance_id = $1 RETURNING 1
+"""
+
+SET_ADVERTISE_URL = "UPDATE gateway_instances SET advertise_url = $2 WHERE instance_id = $1"
+
+DELETE_INSTANCE = "DELETE FROM gateway_instances WHERE instance_id = $1"
+
+DELETE_INSTANCE_PRESENCE = "DELETE FROM device_presence WHERE instance_id = $1"
+
+# A hello: the row of (user, device) becomes this connection's, whoever held it.
+UPSERT_PRESENCE = """
+INSERT INTO device_presence (user_id, device_id, instance_id, connection_id, agent_ids,
+                             connected_at)
+VALUES ($1, $2, $3, $4, $5::text[], $6)
+ON CONFLICT (user_id, device_id) DO UPDATE
+   SET instance_id = EXCLUDED.instance_id, connection_id = EXCLUDED.connection_id,
+       agent_ids = EXCLUDED.agent_ids, connected_at = EXCLUDED.connected_at
+"""
+
+# Back after being reaped: our rows again, except for devices another process
+# took meanwhile (those connections of ours are let go, see PRESENCE_LOST).
+UPSERT_PRESENCE_MANY = """
+INSERT INTO device_presence (user_id, device_id, instance_id, connection_id, agent_ids,
+                             connected_at)
+SELECT u, d, $1, c, string_to_array(a, chr(31)), t
+  FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[])
+       AS p(u, d, c, a, t)
+ON CONFLICT (user_id, device_id) DO NOTHING
+"""
+
+# A connection's cleanup: exactly its own row, never its successor's.
+DELETE_PRESENCE = "DELETE FROM device_presence WHERE connection_id = $1"
+
+_LIVE = """
+JOIN gateway_instances AS i ON i.instance_id = p.instance_id
+ AND i.heartbeat_at > now() - make_interval(secs => $2)
+"""
+
+# The user's devices on live processes other than $3, newest first.
+PRESENCE_ELSEWHERE = f"""
+SELECT p.user_id, p.device_id, p.instance_id, p.connection_id, p.agent_ids, p.connected_at,
+       i.advertise_url
+  FROM device_presence AS p {_LIVE}
+ WHERE p.user_id = $1 AND p.instance_id <> $3
+ ORDER BY p.connected_at DESC
+"""
+
+# At a hello: the user's other devices on every live process, and who holds this one.
+HELLO_PRESENCE = f"""
+SELECT p.device_id, p.instance_id, p.connection_id, i.advertise_url
+  FROM device_presence AS p {_LIVE}
+ WHERE p.user_id = $1
+"""
+
+PRESENCE_ROW_EXISTS = "SELECT 1 FROM device_presence WHERE connection_id = $1"
+
+# The reaper: instances whose heartbeat is older than the TTL, locked so two
+# reapers do not both take one (SKIP LOCKED: the other simply finds none).
+DEAD_INSTANCES = """
+SELECT instance_id FROM gateway_instances
+ WHERE heartbeat_at <= now() - make_interval(secs => $1) AND instance_id <> $2
+   FOR UPDATE SKIP LOCKED
+"""
+
+DELETE_PRESENCE_OF = "DELETE FROM device_presence WHERE instance_id = ANY($1::text[])"
+
+DELETE_INSTANCES = "DELETE FROM gateway_instances WHERE instance_id = ANY($1::text[])"
+
+# Run events committed: one notification per run per batch, "<instance> <run> <seq>".
+EVENTS_CHANNEL = "gateway_run_events"
+NOTIFY_EVENTS = f"""
+SELECT pg_notify('{EVENTS_CHANNEL}', $1 || ' ' || r::text || ' ' || s::text)
+  FROM unnest($2::uuid[], $3::int[]) AS n(r, s)
+"""
+
+# Devices across processes: replacements ({"op": "replace", ...}) as JSON.
+DEVICES_CHANNEL = "gateway_devices"
+NOTIFY_DEVICES = f"SELECT pg_notify('{DEVICES_CHANNEL}', $1)"
+
+CANCELLED_AMONG = """
+SELECT id FROM agent_run_logs WHERE id = ANY($1::uuid[]) AND status = 'cancelled'
+"""
+
+# Of the connections whose rows we wrote, those whose row is gone: another
+# process's hello overwrote it (a replacement we may not have been told of).
+PRESENCE_LOST = """
+SELECT c FROM unnest($2::text[]) AS c
+EXCEPT
+SELECT connection_id FROM device_presence WHERE instance_id = $1
+"""
+
+AGENT_SEPARATOR = "\x1f"
+
+
+@attrs.frozen
+class PresenceRow:
+    """A device held by another live process, and where that process is reached."""
+
+    user_id: str
+    device_id: str
+    instance_id: str
+    connection_id: str
+    agent_ids: tuple[str, ...]
+    connected_at: dt.datetime
+    advertise_url: str | None
+
+    @classmethod
+    def of(cls, row: asyncpg.Record) -> PresenceRow:
+        return cls(row["user_id"], row["device_id"], row["instance_id"], row["connection_id"],
+                   tuple(row["agent_ids"]), row["connected_at"], row["advertise_url"])
+
+    def as_json(self) -> dict[str, Any]:
+        return {"user_id": self.user_id, "device_id": self.device_id,
+                "agent_ids": list(self.agent_ids), "connection_id": self.connection_id,
+                "connected_at": self.connected_at.isoformat()}
+
+
+@attrs.frozen
+class HelloPresence:
+    """At a hello: how many other devices the user holds on live processes, and
+    which live process (if another) holds this device now."""
+
+    other_devices: int
+    holder: PresenceRow | None
+
+
+@attrs.frozen
+class ClusterStore:
+    """The cluster section's statements over the same pool."""
+
+    pool: asyncpg.Pool
+
+    async def register_instance(self, instance_id: str, advertise_url: str | None) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(UPSERT_INSTANCE, instance_id, advertise_url)
+            # Rows of our previous life: those devices are not connected to us.
+            await conn.execute(DELETE_INSTANCE_PRESENCE, instance_id)
+
+    async def set_advertise_url(self, instance_id: str, url: str) -> None:
+        await self.pool.execute(SET_ADVERTISE_URL, instance_id, url)
+
+    async def heartbeat(self, instance_id: str) -> bool:
+        """False: our row was gone (reaped while we stalled)."""
+        return await self.pool.fetchval(HEARTBEAT_INSTANCE, instance_id) is not None
+
+    async def reregister(
+        self, instance_id: str, advertise_url: str | None,
+        devices: Sequence[tuple[str, str, str, Sequence[str], dt.datetime]],
+    ) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(UPSERT_INSTANCE, instance_id, advertise_url)
+            if devices:
+                users, device_ids, conns, agents, times = zip(*devices, strict=True)
+                await conn.execute(
+                    UPSERT_PRESENCE_MANY, instance_id, list(users), list(device_ids),
+                    list(conns), [AGENT_SEPARATOR.join(a) for a in agents], list(times))
+
+    async def unregister_instance(self, instance_id: str) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(DELETE_INSTANCE_PRESENCE, instance_id)
+            await conn.execute(DELETE_INSTANCE, instance_id)
+
+    async def device_up(self, *, user_id: str, device_id: str, instance_id: str,
+                        connection_id: str, agent_ids: Sequence[str],
+                        connected_at: dt.datetime) -> None:
+        await self.pool.execute(UPSERT_PRESENCE, user_id, device_id, instance_id,
+                                connection_id, list(agent_ids), connected_at)
+
+    async def device_down(self, connection_id: str) -> None:
+        await self.pool.execute(DELETE_PRESENCE, connection_id)
+
+    async def presence_exists(self, connection_id: str) -> bool:
+        return await self.pool.fetchval(PRESENCE_ROW_EXISTS, connection_id) is not None
+
+    async def elsewhere(self, user_id: str, *, instance_id: str,
+                        ttl_s: float) -> list[PresenceRow]:
+        rows = await self.pool.fetch(PRESENCE_ELSEWHERE, user_id, ttl_s, instance_id)
+        return [PresenceRow.of(row) for row in rows]
+
+    async def at_hello(self, user_id: str, device_id: str, *, instance_id: str,
+                       ttl_s: float) -> HelloPresence:
+        rows = await self.pool.fetch(HELLO_PRESENCE, user_id, ttl_s)
+        others = sum(1 for row in rows if row["device_id"] != device_id)
+        holder = next((row for row in rows if row["device_id"] == device_id
+                       and row["instance_id"] != instance_id), None)
+        return HelloPresence(others, None if holder is None else PresenceRow(
+            user_id, device_id, holder["instance_id"], holder["connection_id"], (),
+            dt.datetime.now(dt.UTC), holder["advertise_url"]))
+
+    async def reap(
+        self, *, instance_id: str, ttl_s: float, reason: str, detach: bool,
+    ) -> tuple[list[str], list[uuid.UUID]]:
+        """Dead instances: presence removed, running runs detached (or failed when
+        ``detach`` is False), rows deleted. Returns the instances and the runs."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            dead = [row["instance_id"] for row in await conn.fetch(
+                DEAD_INSTANCES, ttl_s, instance_id)]
+            if not dead:
+                return [], []
+            await conn.execute(DELETE_PRESENCE_OF, dead)
+            runs: list[uuid.UUID] = []
+            for gone in dead:
+                statement = DETACH_INSTANCE_RUNS if detach else MARK_ORPHANED_RUNS
+                runs += [row["id"] for row in await conn.fetch(statement, gone, reason)]
+            await conn.execute(DELETE_INSTANCES, dead)
+        return dead, runs
+
+    async def presence_lost(self, instance_id: str, connection_ids: Sequence[str]) -> set[str]:
+        if not connection_ids:
+            return set()
+        rows = await self.pool.fetch(PRESENCE_LOST, instance_id, list(connection_ids))
+        return {row["c"] for row in rows}
+
+    async def notify_events(self, instance_id: str, last_seq_by_run: dict[uuid.UUID, int]) -> None:
+        await self.pool.execute(NOTIFY_EVENTS, instance_id, list(last_seq_by_run),
+                                list(last_seq_by_run.values()))
+
+    async def notify_devices(self, payload: str) -> None:
+        await self.pool.execute(NOTIFY_DEVICES, payload)
+
+    async def cancelled_among(self, run_ids: Sequence[uuid.UUID]) -> list[uuid.UUID]:
+        if not run_ids:
+            return []
+        rows = await self.pool.fetch(CANCELLED_AMONG, list(run_ids))
+        return [row["id"] for row in rows]

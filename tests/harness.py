@@ -187,6 +187,8 @@ async def running_gateway(settings: Settings) -> Any:
         internal = TestClient(TestServer(build_internal_app(svc), handler_cancellation=True))
         await public.start_server()
         await internal.start_server()
+        # Where sibling gateways forward to (serve() does this with its listener).
+        await svc.presence.advertise(f"http://{internal.host}:{internal.port}")
         try:
             yield Harness(svc, public, internal)
         finally:

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 from harness import Harness
+from system_tools import require
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 DASHBOARD = DEPLOY / "grafana-dashboard.json"
@@ -121,12 +120,7 @@ def test_the_rules_cover_each_alert_and_point_to_the_runbook() -> None:
 
 
 def promtool() -> str:
-    found = shutil.which("promtool")
-    if found is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("promtool is missing: .ci/run installs Debian's prometheus package")
-        pytest.skip("promtool not installed (apt-get install prometheus); CI always runs this")
-    return found
+    return require("promtool", "apt-get install prometheus")
 
 
 def run_promtool(*args: str) -> subprocess.CompletedProcess[str]:

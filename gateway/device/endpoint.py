@@ -10,6 +10,7 @@ import structlog
 from aiohttp import WSMsgType, web
 
 from gateway.auth import AUTHENTICATOR, AuthError, bearer_token
+from gateway.cluster.presence import PRESENCE
 from gateway.config import SETTINGS
 from gateway.device.connection import Connection, ConnectionGone
 from gateway.device.handlers import DeviceContext, dispatch, refuse
@@ -172,7 +173,13 @@ async def _serve_device(
     registry = app[REGISTRY]
     metrics = app[METRICS]
     runs = app[RUNS]
-    if registry.other_device_count(user_id, hello.device_id) >= settings.max_devices_per_user:
+    presence = app[PRESENCE]
+    # The limit counts the user's devices on every live process (PROTOCOL.md §5);
+    # the same look says whether another process holds this device now.
+    at_hello = None
+    if registry.other_device_count(user_id, hello.device_id) < settings.max_devices_per_user:
+        at_hello = await presence.at_hello(user_id, hello.device_id)
+    if at_hello is None or at_hello.other_devices >= settings.max_devices_per_user:
         log.info("device_refused_too_many", limit=settings.max_devices_per_user)
         await _close(ws, CloseCode.TOO_MANY_DEVICES, "too_many_devices")
         metrics.connections_closed.labels(close_label(CloseCode.TOO_MANY_DEVICES)).inc()
@@ -222,8 +229,15 @@ async def _serve_device(
             log.info("device_connected", connection_id=conn.connection_id,
                      agent_ids=list(conn.agent_ids), replaced=previous is not None,
                      event_acks=conn.event_acks)
+            if at_hello.holder is not None:
+                # Another process holds the device: it closes it with 4000 and
+                # detaches its runs, which the resume below then takes over.
+                log.info("device_replaced_elsewhere", holder=at_hello.holder.instance_id,
+                         old_connection_id=at_hello.holder.connection_id)
+                await presence.take_over(at_hello.holder, conn.connection_id)
             attached = runs.continuity.hand_over(conn) + await runs.continuity.resume(conn)
             claimed = await runs.claim_for(conn, hello.agent_ids)
+            await presence.device_up(conn)
             conn.acknowledge(messages.hello_ack(
                 connection_id=conn.connection_id, heartbeat_s=settings.heartbeat_s,
                 runs=[messages.AttachedRun(str(a.run_id), a.agent_id, a.last_seq)
@@ -300,3 +314,7 @@ async def _cleanup(app: web.Application, ws: web.WebSocketResponse, conn: Connec
         failed_runs=[str(r) for r in gone.failed],
         detached_runs=[str(r) for r in gone.detached], was_current=removed,
     )
+    # Last, after its runs are detached: a process waiting to take the device over
+    # (PROTOCOL.md §5) resumes them once this row is gone. (A takeover it was told
+    # of has already let the device go, in gateway/device/moved.py.)
+    await app[PRESENCE].device_down(conn)

@@ -15,6 +15,8 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from gateway.cluster.peers import PEER_PREFIX, PEERS, PeerFailed, PeerUnreachable
+from gateway.cluster.presence import PRESENCE
 from gateway.device.connection import CallFailed, Connection
 from gateway.device.registry import REGISTRY
 from gateway.http.envelope import ApiError, ExpectHandler, json_response
@@ -24,7 +26,7 @@ from gateway.metrics import METRICS
 from gateway.runs.lifecycle import RUNS, RunAlreadyFinished, RunNotFound
 from gateway.runs.tracking import parse_run_id
 from gateway.shutdown import SHUTDOWN
-from gateway.store import RUN_STATUSES, RunRecord, Store
+from gateway.store import RUN_STATUSES, PresenceRow, RunRecord, Store
 from gateway.wire import codes
 from gateway.wire.frames import id_problem, jsonb_problem, text_problem
 
@@ -168,15 +170,23 @@ def _device_json(conn: Connection) -> dict[str, Any]:
 
 
 async def list_devices(request: web.Request) -> web.Response:
+    """Ours from the registry (exact, no lag), the other live processes' from presence."""
     user_id = _query_id(request, "user_id")
     conns = [c for c in request.app[REGISTRY].devices_of(user_id) if not c.closing]
-    return json_response({"devices": [_device_json(c) for c in conns]})
+    devices = [_device_json(c) for c in conns]
+    local = {c.device_id for c in conns}
+    elsewhere = await request.app[PRESENCE].elsewhere(user_id)
+    devices += [row.as_json() for row in reversed(elsewhere) if row.device_id not in local]
+    return json_response({"devices": devices})
 
 
 # ---------------------------------------------------------------- tool calls
 
 
-async def create_tool_call(request: web.Request) -> web.Response:
+async def create_tool_call(request: web.Request) -> web.StreamResponse:
+    """§2.2; also the peer route, where a sibling process forwards a call for a device
+    we hold (§5): that one is served here or not at all, never forwarded again."""
+    forward = not request.path.startswith(PEER_PREFIX)
     if request.app[SHUTDOWN].draining:
         raise ApiError(503, codes.GATEWAY_SHUTDOWN, "the gateway is shutting down")
     body = await _json_body(request)
@@ -198,7 +208,23 @@ async def create_tool_call(request: web.Request) -> web.Response:
     assert user_id is not None
 
     metrics = request.app[METRICS]
+    # Our own registry first: a local device costs no database round trip.
     conn = request.app[REGISTRY].pick(user_id, device_id)
+    if conn is None and forward:
+        presence = request.app[PRESENCE]
+        row, cached = await presence.locate(user_id, device_id)
+        if row is not None:
+            forwarded = await _forward_call(request, row, body, max_timeout_s)
+            if cached and (forwarded is None or forwarded.status == 404):
+                # Remembered, and gone from there: it may have moved on. Look once more.
+                row, _ = await presence.locate(user_id, device_id, fresh=True)
+                forwarded = (await _forward_call(request, row, body, max_timeout_s)
+                             if row is not None else None)
+            if forwarded is not None:
+                return forwarded
+            metrics.tool_calls.labels(codes.DEVICE_OFFLINE).inc()
+            raise ApiError(404, codes.DEVICE_OFFLINE, "the device's gateway process cannot "
+                           "be reached", device_id=device_id)
     if conn is None:
         metrics.tool_calls.labels(codes.DEVICE_OFFLINE).inc()
         raise ApiError(404, codes.DEVICE_OFFLINE, "no connected device for this user"
@@ -227,6 +253,48 @@ async def create_tool_call(request: web.Request) -> web.Response:
     else:
         answer["error"] = {"code": result.error_code, "message": result.error_message}
     return json_response(answer)
+
+
+async def _forward_call(request: web.Request, row: PresenceRow, body: dict[str, Any],
+                        max_timeout_s: float) -> web.Response | None:
+    """The owner's answer, verbatim; None when it cannot be reached (nothing delivered).
+
+    Cancelled with us (the caller went away): so is the request, and the
+    owner's handler, which sends tool_cancel caller_gone.
+    """
+    if not row.advertise_url:
+        return None
+    started = time.perf_counter()
+    outcome = "forwarded"
+    try:
+        answer = await request.app[PEERS].tool_call(
+            row.advertise_url, {**body, "device_id": row.device_id}, max_timeout_s)
+    except PeerUnreachable:
+        outcome = "unreachable"
+        return None
+    except PeerFailed:
+        outcome = codes.DEVICE_DISCONNECTED
+        raise ApiError(503, codes.DEVICE_DISCONNECTED, "the device's gateway process went "
+                       "away during the call", device_id=row.device_id) from None
+    except asyncio.CancelledError:
+        outcome = "caller_gone"
+        raise
+    finally:
+        elapsed = time.perf_counter() - started
+        request.app[METRICS].calls_forwarded.labels(outcome).inc()
+        log.info("tool_call_forwarded", user_id=row.user_id, device_id=row.device_id,
+                 instance_id=row.instance_id, outcome=outcome,
+                 duration_ms=round(elapsed * 1000, 2))
+    return web.Response(status=answer.status, body=answer.body,
+                        content_type=answer.content_type.split(";")[0])
+
+
+async def peer_dispatch_run(request: web.Request) -> web.Response:
+    """A sibling process created a due run for a device we hold: dispatch it here."""
+    record = await request.app[RUNS].dispatch_here(_run_id(request))
+    if record is None:
+        raise ApiError(404, codes.DEVICE_OFFLINE, "no fitting device here, or not pending")
+    return json_response(record.as_json())
 
 
 # ---------------------------------------------------------------- runs
@@ -322,3 +390,6 @@ def add_routes(app: web.Application, *, wrap: Callable[[Handler], Handler],
     router.add_get(f"{PREFIX}/runs/{{run_id}}", wrap(get_run), **more)
     router.add_get(f"{PREFIX}/runs/{{run_id}}/events", wrap(run_events), **more)
     router.add_post(f"{PREFIX}/runs/{{run_id}}/cancel", wrap(cancel_run), **more)
+    # Between gateway processes (PROTOCOL.md §5), same service tokens.
+    router.add_post(f"{PEER_PREFIX}/tool-calls", wrap(create_tool_call), **more)
+    router.add_post(f"{PEER_PREFIX}/runs/{{run_id}}/dispatch", wrap(peer_dispatch_run), **more)

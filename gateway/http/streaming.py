@@ -22,8 +22,9 @@ EVENTS_PAGE = 1000
 # ... and at most this many bytes of event JSON (one larger event comes alone):
 # a page of 1000 events of 3.5 MiB each held 3.5 GiB.
 EVENTS_PAGE_BYTES = 8 * 1024 * 1024
-# A reader of a run fed through another gateway process gets no live pushes:
-# it looks at the database this often.
+# A reader of a run fed through another gateway process is woken by that
+# process's NOTIFY of each committed batch (gateway/cluster/notify.py) and
+# re-reads the table; it also looks this often, should a notification be lost.
 POLL_S = 1.0
 
 

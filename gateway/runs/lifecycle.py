@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import attrs
@@ -91,6 +91,10 @@ class Runs:
     tracking: Tracking
     # Set when a run is created for later: the scheduler looks again.
     scheduler_wake: asyncio.Event = attrs.Factory(asyncio.Event)
+    # A due run whose device is not here: hand it to the process holding it
+    # (PROTOCOL.md §5; wired by the composition root). Arguments: run id, user,
+    # agent, device; True when that process dispatched it.
+    dispatch_elsewhere: Callable[[uuid.UUID, str, str, str | None], Awaitable[bool]] | None = None
     # The hellos of one moment claim their pending runs in one round trip.
     _claims: Coalescer[tuple[RunTarget, Sequence[str]], list[RunRecord]] = attrs.field(
         init=False)
@@ -124,6 +128,9 @@ class Runs:
             return record
         target = self.targets.locate_agent(user_id, agent_id, device_id)
         if target is None:
+            if self.dispatch_elsewhere is not None and await self.dispatch_elsewhere(
+                    record.id, user_id, agent_id, device_id):
+                return await self.store.get_run(record.id) or record
             return record
         dispatched = await self._dispatch(record.id, target)
         if dispatched is None:  # another process claimed it first: show what it is now
@@ -136,6 +143,16 @@ class Runs:
         target = self.targets.locate_agent(user_id, agent_id, device_id)
         if target is not None:
             await self._dispatch(run_id, target)
+
+    async def dispatch_here(self, run_id: uuid.UUID) -> RunRecord | None:
+        """Another process created a due run for a device of ours: dispatch it."""
+        record = await self.store.get_run(run_id)
+        if record is None or record.status != "pending":
+            return None
+        target = self.targets.locate_agent(record.user_id, record.agent_id, record.device_id)
+        if target is None:
+            return None
+        return await self._dispatch(run_id, target)
 
     async def _dispatch(self, run_id: uuid.UUID, target: RunTarget) -> RunRecord | None:
         record = await self.store.dispatch_run(
@@ -379,6 +396,10 @@ class Runs:
             active.target.send(messages.agent_cancel(run_id=str(run_id), reason=reason))
         except Exception as exc:
             log.info("agent_cancel_send_failed", run_id=str(run_id), error=repr(exc))
+
+    def tracked_run_ids(self) -> list[uuid.UUID]:
+        """Runs fed through this process now (checked after a deaf listener)."""
+        return self.tracking.run_ids()
 
     async def cancelled_elsewhere(self, run_id_text: str) -> None:
         """Another gateway process cancelled a run: if our device feeds it, stop it."""

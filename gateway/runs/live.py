@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import attrs
 from aiohttp import web
@@ -51,6 +51,10 @@ class Subscription:
         self.ended = True
         self._signal.set()
 
+    def nudge(self) -> None:
+        """Wake the reader with no events: it reads the database (stored elsewhere)."""
+        self._signal.set()
+
     async def wait(self, within_s: float) -> None:
         """Wait for news (events, overflow, end), at most ``within_s``."""
         try:
@@ -75,6 +79,8 @@ class Subscription:
 @attrs.define
 class LiveEvents:
     capacity: int = 1000
+    # Told of every run that ends here (its readers on other processes are told too).
+    on_end: Callable[[uuid.UUID], None] | None = None
     _subscriptions: dict[uuid.UUID, set[Subscription]] = attrs.Factory(dict)
 
     def subscribe(self, run_id: uuid.UUID) -> Subscription:
@@ -99,6 +105,19 @@ class LiveEvents:
     def end(self, run_id: uuid.UUID) -> None:
         for subscription in self._subscriptions.get(run_id, ()):
             subscription.end()
+        if self.on_end is not None:
+            self.on_end(run_id)
+
+    def nudge(self, run_id: uuid.UUID) -> None:
+        """Events of the run were stored elsewhere: its readers re-read the table now."""
+        for subscription in self._subscriptions.get(run_id, ()):
+            subscription.nudge()
+
+    def nudge_all(self) -> None:
+        """We may have missed news (the listener was deaf): every reader re-reads."""
+        for subscriptions in self._subscriptions.values():
+            for subscription in subscriptions:
+                subscription.nudge()
 
     def end_all(self) -> None:
         """Wake every reader (the gateway is draining)."""

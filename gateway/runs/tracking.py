@@ -69,6 +69,9 @@ class Tracking:
     def __contains__(self, run_id: uuid.UUID) -> bool:
         return run_id in self._active
 
+    def run_ids(self) -> list[uuid.UUID]:
+        return list(self._active)
+
     def get(self, run_id: uuid.UUID) -> ActiveRun | None:
         return self._active.get(run_id)
 

@@ -7,17 +7,14 @@ fails and shows node's output. The node tests kill and restart the gateway
 through a small loopback control server owned here, so the process is always
 this test's child and is always cleaned up.
 
-``continuity.test.mjs`` (PROTOCOL §1.8: runs resumed after a reconnect,
-``event_acks``) needs a gateway that implements revision .5's session
-continuity; it runs only when ``GATEWAY_TEST_CONTINUITY=1`` (or once
-``CONTINUITY_LANDED`` below is set to True).
+``continuity.test.mjs`` covers PROTOCOL §1.8: runs resumed after ``kill -9``
+and a drain, with ``event_acks``, each event stored once.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -26,6 +23,7 @@ from pathlib import Path
 
 import attrs
 import pytest
+from system_tools import require
 
 from e2e.proc import (
     E2E_JWT_SECRET,
@@ -39,9 +37,6 @@ from e2e.proc import (
 pytestmark = pytest.mark.e2e
 
 JS_ROOT = REPO_ROOT / "clients" / "js"
-# Flip to True once the gateway implements PROTOCOL §1.8 (hello_ack.runs, agent_ack).
-CONTINUITY_LANDED = True
-RUN_CONTINUITY = CONTINUITY_LANDED or os.environ.get("GATEWAY_TEST_CONTINUITY") == "1"
 NODE_TIMEOUT_S = 240.0
 NPM_TIMEOUT_S = 300.0
 CHROMIUM = Path("/usr/bin/chromium")
@@ -58,10 +53,7 @@ GATEWAY_SETTINGS = {
 
 
 def node() -> str:
-    path = shutil.which("node")
-    if path is None:
-        pytest.fail("node is not installed (.ci/run installs what the tests need)")
-    return path
+    return require("node", "Node.js 20 or newer")
 
 
 @pytest.fixture(scope="module")
@@ -69,9 +61,7 @@ def js_dependencies() -> Path:
     """clients/js/node_modules, installed from the lock file when missing (as .ci/run does)."""
     node()
     if not (JS_ROOT / "node_modules" / "ws").is_dir():
-        npm = shutil.which("npm")
-        if npm is None:
-            pytest.fail("npm is not installed")
+        npm = require("npm", "Node.js's npm")
         done = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=JS_ROOT,
                               capture_output=True, text=True, timeout=NPM_TIMEOUT_S, check=False)
         assert done.returncode == 0, f"npm ci failed:\n{done.stdout}\n{done.stderr}"
@@ -218,14 +208,10 @@ def test_sdk_against_the_real_gateway(gateway_for_node: NodeTarget) -> None:
 
 def test_sdk_in_headless_chromium(gateway_for_node: NodeTarget) -> None:
     for path in (CHROMIUM, CHROMEDRIVER):
-        if not path.exists():
-            pytest.fail(f"{path} is missing: apt-get install chromium chromium-driver "
-                        "(.ci/run does)")
+        require(str(path), "apt-get install chromium chromium-driver")
     run_node_tests(["test/browser.test.mjs"], gateway_for_node, expect_at_least=1)
 
 
-@pytest.mark.skipif(not RUN_CONTINUITY, reason=(
-    "needs PROTOCOL §1.8 in the gateway: set GATEWAY_TEST_CONTINUITY=1 or CONTINUITY_LANDED"))
 @pytest.mark.gateway_env({"GATEWAY_RUN_RESUME_S": "30"})
 def test_sdk_session_continuity(gateway_for_node: NodeTarget) -> None:
     run_node_tests(["test/continuity.test.mjs"], gateway_for_node, expect_at_least=3)

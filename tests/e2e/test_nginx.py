@@ -27,6 +27,7 @@ import aiohttp
 import pytest
 from certs import client_context, make_ca, make_server_cert
 from harness import Device
+from system_tools import require
 
 from e2e.proc import (
     E2E_SERVICE_TOKEN,
@@ -151,9 +152,7 @@ def wait_for_port(port: int, proc: subprocess.Popen[bytes], error_log: Path) -> 
 @contextlib.contextmanager
 def running_nginx(workdir: Path, conf: Path, port: int) -> Iterator[subprocess.Popen[bytes]]:
     """Our own nginx master (never the system's service), stopped and reaped afterwards."""
-    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    if not Path(nginx).exists():
-        pytest.fail("nginx is not installed (.ci/run installs Debian's nginx)")
+    nginx = shutil.which("nginx") or require("/usr/sbin/nginx", "apt-get install nginx")
     base = [nginx, "-p", str(workdir), "-e", str(workdir / "error.log"), "-c", str(conf)]
     check = subprocess.run([*base, "-t"], capture_output=True, text=True, check=False)
     assert check.returncode == 0, check.stderr
