@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from system_tools import require
 
 ROOT = Path(__file__).resolve().parent.parent
 FIGURES = {"throughput", "p50_ms", "p99_ms", "max_ms", "server_rss_mb", "server_cpu_pct",
@@ -31,6 +32,12 @@ def run_bench(*args: str, database_url: str | None = None, timeout: float = 180)
     lines = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
     assert lines, done.stderr[-3000:]
     return lines
+
+
+def require_node_ws() -> None:
+    """Node and the `ws` package the benchmark's Node devices use (clients/js)."""
+    require("node", "Node.js 20 or newer")
+    require(str(ROOT / "clients" / "js" / "node_modules" / "ws"), "cd clients/js && npm ci")
 
 
 def check_line(line: dict[str, Any], scenario: str, extra: set[str]) -> None:
@@ -56,6 +63,8 @@ def check_line(line: dict[str, Any], scenario: str, extra: set[str]) -> None:
 ])
 def test_scenario_prints_one_json_line(database_url: str, args: list[str],
                                        extra: set[str]) -> None:
+    if "node" in args:
+        require_node_ws()
     lines = run_bench(*args, "--target", "both", database_url=database_url)
     assert len(lines) == 1
     check_line(lines[0], args[0], extra)
@@ -77,6 +86,7 @@ def test_compare_prints_each_scenario_then_a_summary(database_url: str) -> None:
 
 def test_node_devices_offer_deflate_and_get_it_only_when_enabled(database_url: str) -> None:
     """The Node client offers permessage-deflate; only GATEWAY_WS_COMPRESS=true accepts it."""
+    require_node_ws()
     off = run_bench("idle", "4", "--hold", "0.2", "--client", "node", "--target", "gateway",
                     database_url=database_url)[0]
     on = run_bench("idle", "4", "--hold", "0.2", "--client", "node", "--target", "gateway",

@@ -250,7 +250,8 @@ EVENTS_PER_ROUND = 50  # per device
 WAITING_INSERT = """
 SELECT pid FROM pg_stat_activity
  WHERE datname = current_database() AND pid <> pg_backend_pid()
-   AND wait_event_type = 'Lock' AND query LIKE '%INSERT INTO agent_run_events%'
+   AND wait_event_type = 'Lock'
+   AND (query LIKE '%INSERT INTO agent_run_events%' OR query LIKE 'COPY %agent_run_events%')
 """
 OTHER_BACKENDS = """
 SELECT pg_terminate_backend(pid) FROM pg_stat_activity
