@@ -3,6 +3,11 @@
 This module knows SQL and nothing else: no sockets, no HTTP. JSON values are
 passed to PostgreSQL as text (``$n::jsonb``) and read back as text, so a stored
 event can be streamed to a reader without being decoded and encoded again.
+
+It is the longest module because it is the one place for SQL (DESIGN.md,
+principle 1), in four sections: runs and events, continuity (§1.8), retention,
+cluster (§5). The next step is a ``store/`` package with one module per
+section; it was left for after this round's parallel branches had merged.
 """
 
 from __future__ import annotations
