@@ -9,14 +9,13 @@ import shutil
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
 from harness import JWT_SECRET, SERVICE_TOKEN, Harness
-from pg import create_database, drop_database, dsn_with_database, run_blocking, unique_database_name
 
 from gateway import store
 from gateway.config import ConfigError, load_settings
@@ -198,16 +197,6 @@ def test_retention_days_setting() -> None:
 
 
 # ---------------------------------------------------------------- migration
-
-
-@pytest.fixture
-def empty_database_url(pg_server_dsn: str) -> Iterator[str]:
-    name = unique_database_name("gw_retention")
-    run_blocking(create_database(pg_server_dsn, name))
-    try:
-        yield dsn_with_database(pg_server_dsn, name)
-    finally:
-        run_blocking(drop_database(pg_server_dsn, name))
 
 
 async def test_migration_applies_to_a_database_that_already_holds_events(
