@@ -7,6 +7,7 @@ import asyncio
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import asyncpg
 import structlog
@@ -18,10 +19,14 @@ from gateway.config import (
     add_arguments,
     describe,
     flags_from_namespace,
+    positive_int,
+    positive_seconds,
 )
 from gateway.config import load_settings as build_settings
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
 
 COMMANDS = ("serve", "migrate", "prune", "token", "device")
 
@@ -64,9 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "what was not acked after a reconnect")
     device.add_argument("--no-reconnect", action="store_true",
                         help="exit when the connection ends (default: reconnect with back-off)")
-    device.add_argument("--reconnect-max-s", type=_positive, default=30.0, metavar="S",
+    device.add_argument("--reconnect-max-s", type=_argument(positive_seconds), default=30.0,
+                        metavar="S",
                         help="longest back-off between reconnects (30)")
-    device.add_argument("--max-unacked", type=_positive_int, default=1024, metavar="N",
+    device.add_argument("--max-unacked", type=_argument(positive_int), default=1024, metavar="N",
                         help="events a run keeps unconfirmed; with --event-acks its agent "
                              "then waits for acks (1024)")
     add_arguments(device)
@@ -174,24 +180,16 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
-    if not 0 < number < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be positive: {value!r}")
-    return number
+def _argument(parse: Callable[[str], T]) -> Callable[[str], T]:
+    """A settings parser (``gateway.config``) as an argparse type: same rule, same message."""
 
+    def convert(value: str) -> T:
+        try:
+            return parse(value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{value!r}: {exc}") from None
 
-def _positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
-    if number <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {value!r}")
-    return number
+    return convert
 
 
 def _days(value: str) -> float:

@@ -135,14 +135,14 @@ def _port(value: str) -> int:
     return port
 
 
-def _positive_int(value: str) -> int:
+def positive_int(value: str) -> int:
     number = int(value)
     if number < 1:
         raise ValueError("must be a positive integer")
     return number
 
 
-def _positive_float(value: str) -> float:
+def positive_seconds(value: str) -> float:
     number = float(value)
     if not number > 0 or number == float("inf"):
         raise ValueError("must be a positive number of seconds")
@@ -270,11 +270,11 @@ OPTIONS: tuple[Option, ...] = (
            "clock leeway for exp/nbf/iat, seconds"),
     Option("internal_tokens", "GATEWAY_INTERNAL_TOKENS", _csv,
            "comma-separated service tokens; required outside dev mode", secret=True),
-    Option("heartbeat_s", "GATEWAY_HEARTBEAT_S", _positive_float,
+    Option("heartbeat_s", "GATEWAY_HEARTBEAT_S", positive_seconds,
            "WebSocket heartbeat, seconds: a peer silent to pings is dropped within 1.5 x this"),
-    Option("hello_timeout_s", "GATEWAY_HELLO_TIMEOUT_S", _positive_float,
+    Option("hello_timeout_s", "GATEWAY_HELLO_TIMEOUT_S", positive_seconds,
            "time allowed for device_hello, seconds"),
-    Option("header_timeout_s", "GATEWAY_HEADER_TIMEOUT_S", _positive_float,
+    Option("header_timeout_s", "GATEWAY_HEADER_TIMEOUT_S", positive_seconds,
            "time a new connection has to send its first request's headers, seconds "
            "(both listeners)"),
     Option("app_ping", "GATEWAY_APP_PING", _bool,
@@ -282,36 +282,36 @@ OPTIONS: tuple[Option, ...] = (
     Option("ws_compress", "GATEWAY_WS_COMPRESS", _bool,
            "negotiate permessage-deflate (costs ~100 KB per device); the frame limit "
            "then applies to the inflated message"),
-    Option("max_frame_bytes", "GATEWAY_MAX_FRAME_BYTES", _positive_int,
+    Option("max_frame_bytes", "GATEWAY_MAX_FRAME_BYTES", positive_int,
            "largest frame accepted, bytes"),
     Option("max_inflight_calls_per_device", "GATEWAY_MAX_INFLIGHT_CALLS_PER_DEVICE",
-           _positive_int, "concurrent tool calls per device"),
-    Option("max_devices_per_user", "GATEWAY_MAX_DEVICES_PER_USER", _positive_int,
+           positive_int, "concurrent tool calls per device"),
+    Option("max_devices_per_user", "GATEWAY_MAX_DEVICES_PER_USER", positive_int,
            "devices one user may hold"),
-    Option("max_connections", "GATEWAY_MAX_CONNECTIONS", _positive_int,
+    Option("max_connections", "GATEWAY_MAX_CONNECTIONS", positive_int,
            "device sockets per process"),
-    Option("max_hello_pending_per_user", "GATEWAY_MAX_HELLO_PENDING_PER_USER", _positive_int,
+    Option("max_hello_pending_per_user", "GATEWAY_MAX_HELLO_PENDING_PER_USER", positive_int,
            "sockets of one user upgraded but not yet past device_hello"),
-    Option("bad_frames_per_minute", "GATEWAY_BAD_FRAMES_PER_MINUTE", _positive_int,
+    Option("bad_frames_per_minute", "GATEWAY_BAD_FRAMES_PER_MINUTE", positive_int,
            "bad frames tolerated per device per minute"),
-    Option("shutdown_timeout_s", "GATEWAY_SHUTDOWN_TIMEOUT_S", _positive_float,
+    Option("shutdown_timeout_s", "GATEWAY_SHUTDOWN_TIMEOUT_S", positive_seconds,
            "drain budget on SIGTERM, seconds"),
     Option("instance_id", "GATEWAY_INSTANCE_ID", _text,
            "stable id of this process"),
     Option("run_resume_s", "GATEWAY_RUN_RESUME_S", _non_negative_float,
            "seconds a device has to reconnect and resume its running runs; 0 fails them at "
            "once"),
-    Option("workers", "GATEWAY_WORKERS", _positive_int,
+    Option("workers", "GATEWAY_WORKERS", positive_int,
            "gateway processes this command runs, sharing both ports (SO_REUSEPORT)"),
     Option("advertise_url", "GATEWAY_ADVERTISE_URL", _url,
            "URL of this process's internal API as other processes reach it"),
-    Option("instance_ttl_s", "GATEWAY_INSTANCE_TTL_S", _positive_float,
+    Option("instance_ttl_s", "GATEWAY_INSTANCE_TTL_S", positive_seconds,
            "a process whose heartbeat is older than this is dead, seconds"),
     Option("peer_port", "GATEWAY_PEER_PORT", _port,
            "an extra internal listener only for sibling processes (set per worker)"),
     Option("reuse_port", "GATEWAY_REUSE_PORT", _bool,
            "bind the public and internal ports with SO_REUSEPORT (set per worker)"),
-    Option("parent_pid", "GATEWAY_PARENT_PID", _positive_int,
+    Option("parent_pid", "GATEWAY_PARENT_PID", positive_int,
            "drain and exit when this process is gone (set per worker)"),
     Option("tls_cert_file", "GATEWAY_TLS_CERT_FILE", lambda v: Path(_text(v)),
            "PEM certificate chain: the public listener speaks TLS (re-read on SIGHUP)"),
@@ -323,13 +323,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("log_format", "GATEWAY_LOG_FORMAT", _choice(*LOG_FORMATS),
            "json|console"),
     Option("auto_migrate", "GATEWAY_AUTO_MIGRATE", _bool, "apply migrations when serving"),
-    Option("event_batch_max", "GATEWAY_EVENT_BATCH_MAX", _positive_int,
+    Option("event_batch_max", "GATEWAY_EVENT_BATCH_MAX", positive_int,
            "events per database write at most"),
-    Option("event_queue_max", "GATEWAY_EVENT_QUEUE_MAX", _positive_int,
+    Option("event_queue_max", "GATEWAY_EVENT_QUEUE_MAX", positive_int,
            "events waiting for the database before devices are paused"),
-    Option("event_queue_max_bytes", "GATEWAY_EVENT_QUEUE_MAX_BYTES", _positive_int,
+    Option("event_queue_max_bytes", "GATEWAY_EVENT_QUEUE_MAX_BYTES", positive_int,
            "bytes of events waiting for the database before devices are paused"),
-    Option("subscriber_buffer", "GATEWAY_SUBSCRIBER_BUFFER", _positive_int,
+    Option("subscriber_buffer", "GATEWAY_SUBSCRIBER_BUFFER", positive_int,
            "live events buffered per slow reader before it re-reads the database"),
     Option("retention_days", "GATEWAY_RETENTION_DAYS", _retention_days,
            "finished runs and their events are removed this many days after they end; "
