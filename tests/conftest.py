@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -107,6 +108,21 @@ def empty_database_url(pg_server_dsn: str) -> Iterator[str]:
     finally:
         run_blocking(drop_database(pg_server_dsn, name))
 
+
+
+# ---------------------------------------------------------------- systemd
+
+
+@pytest.fixture
+def listener(tmp_path: Path) -> Iterator[tuple[socket.socket, str]]:
+    """A bound datagram socket playing pid 1, and the NOTIFY_SOCKET value for it."""
+    path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    # A message that never arrives must fail the test, not hang it.
+    sock.settimeout(2.0)
+    yield sock, str(path)
+    sock.close()
 
 
 # ---------------------------------------------------------------- the gateway in-process

@@ -199,15 +199,20 @@ def test_retention_days_setting() -> None:
 # ---------------------------------------------------------------- migration
 
 
-async def test_migration_applies_to_a_database_that_already_holds_events(
-    empty_database_url: str, tmp_path: Path,
-) -> None:
+async def migrate_to_0001(conn: asyncpg.Connection, tmp_path: Path) -> None:
+    """The schema as it was before retention: 0001 only."""
     before = tmp_path / "before"
     before.mkdir()
     shutil.copy(default_migrations_dir() / "0001_runs.sql", before)
+    await apply_migrations(conn, before)
+
+
+async def test_migration_applies_to_a_database_that_already_holds_events(
+    empty_database_url: str, tmp_path: Path,
+) -> None:
     conn = await asyncpg.connect(empty_database_url)
     try:
-        await apply_migrations(conn, before)
+        await migrate_to_0001(conn, tmp_path)
         expired, kept = await mixed_runs(conn)
         applied = await apply_migrations(conn, default_migrations_dir())
         assert "0003_retention.sql" in applied
@@ -228,12 +233,9 @@ async def test_migration_accepts_an_index_created_concurrently_beforehand(
     empty_database_url: str, tmp_path: Path,
 ) -> None:
     """The README's advice for huge tables: pre-create the index, then migrate."""
-    before = tmp_path / "before"
-    before.mkdir()
-    shutil.copy(default_migrations_dir() / "0001_runs.sql", before)
     conn = await asyncpg.connect(empty_database_url)
     try:
-        await apply_migrations(conn, before)
+        await migrate_to_0001(conn, tmp_path)
         await conn.execute(
             "CREATE INDEX CONCURRENTLY IF NOT EXISTS agent_run_logs_finished_idx "
             "ON agent_run_logs (finished_at) "

@@ -11,8 +11,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -473,16 +472,6 @@ async def test_every_internal_route_is_inside_the_envelope(gateway: Harness) -> 
 
 
 # ---------------------------------------------------------------- item 4: the watchdog
-
-
-@pytest.fixture
-def listener(tmp_path: Path) -> Iterator[tuple[socket.socket, str]]:
-    path = tmp_path / "notify.sock"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(path))
-    sock.settimeout(2.0)
-    yield sock, str(path)
-    sock.close()
 
 
 async def test_the_watchdog_does_not_depend_on_the_database(

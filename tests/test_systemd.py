@@ -19,18 +19,6 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture
-def listener(tmp_path: Path) -> Iterator[tuple[socket.socket, str]]:
-    """A bound datagram socket playing pid 1, and the NOTIFY_SOCKET value for it."""
-    path = tmp_path / "notify.sock"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(path))
-    # A message that never arrives must fail the test, not hang it.
-    sock.settimeout(2.0)
-    yield sock, str(path)
-    sock.close()
-
-
-@pytest.fixture
 def notifier(listener: tuple[socket.socket, str]) -> Iterator[SystemdNotifier]:
     n = SystemdNotifier(listener[1])
     yield n
