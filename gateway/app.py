@@ -40,7 +40,7 @@ from gateway.device.endpoint import device_ws
 from gateway.device.moved import let_go
 from gateway.device.registry import REGISTRY, Registry
 from gateway.device.sockets import DEVICE_SOCKETS, DeviceSockets
-from gateway.heap import settle_after_start_up
+from gateway.heap import HeapPolicy
 from gateway.http import internal_api, ops
 from gateway.http.admission import KEEPALIVE_S, Admission
 from gateway.http.envelope import envelope, expect_continue, json_errors, route_miss
@@ -447,7 +447,9 @@ async def serve(
         for runner in (public, internal):
             assert runner.server is not None
             admission.attach(runner.server)
-        settle_after_start_up()
+        heap = HeapPolicy()
+        heap.install()
+        gw.tasks.supervise("heap", heap.release_loop)
         try:
             reuse = settings.reuse_port or None
             # A reconnect storm: aiohttp's default backlog of 128 drops SYNs, and each
@@ -491,6 +493,7 @@ async def serve(
             assert gw.shutdown.deadline is not None
             await drain_within(gw, gw.shutdown.deadline - teardown_reserve_s(settings))
         finally:
+            heap.uninstall()
             # Both at once: each gets the same grace for its unfinished handlers.
             for failure in await asyncio.gather(internal.cleanup(), public.cleanup(),
                                                 return_exceptions=True):

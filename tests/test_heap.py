@@ -1,33 +1,82 @@
-"""The garbage collector's policy (gateway/heap.py): start-up frozen, collections rarer."""
+"""The garbage collector's policy (gateway/heap.py): start-up frozen, full
+collections held back for an interval after each one, never switched off."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import time
 from collections.abc import Iterator
 
 import pytest
 
-from gateway import heap
+from gateway.heap import HELD, HeapPolicy
 
 
 @pytest.fixture
-def restored_gc() -> Iterator[None]:
+def policy() -> Iterator[HeapPolicy]:
     thresholds = gc.get_threshold()
-    yield
+    policy = HeapPolicy(min_interval_s=0.2)
+    yield policy
+    policy.uninstall()
     gc.unfreeze()
     gc.set_threshold(*thresholds)
 
 
-@pytest.mark.usefixtures("restored_gc")
-def test_start_up_objects_are_frozen_and_collections_made_rarer() -> None:
+def test_install_freezes_what_start_up_built(policy: HeapPolicy) -> None:
     gc.unfreeze()
-    assert gc.get_freeze_count() == 0
     built_at_start_up = [{"a": [1]} for _ in range(1000)]
-    heap.settle_after_start_up()
+    policy.install()
     assert gc.get_freeze_count() >= len(built_at_start_up)
-    assert gc.get_threshold() == (heap.YOUNG_THRESHOLD, heap.MIDDLE_THRESHOLD,
-                                  heap.OLD_THRESHOLD)
-    young, _, _ = gc.get_threshold()
-    assert young > 700  # CPython's default, which the policy exists to change
-    assert gc.isenabled()  # rarer, never off: cycles of closed connections are still freed
+    assert gc.isenabled()
 
+
+def test_a_full_collection_holds_the_next_one_back_for_the_interval(
+    policy: HeapPolicy,
+) -> None:
+    young, middle, old = gc.get_threshold()
+    policy.install()
+    assert not policy.held
+    gc.collect()  # a full collection, as CPython's rule would start one
+    assert policy.held and policy.full_collections >= 1
+    assert gc.get_threshold() == (young, middle, HELD)
+    gc.collect()  # another while held: the threshold to restore is still the original
+    policy.release_due()
+    assert policy.held  # the interval has not passed
+    time.sleep(0.25)
+    policy.release_due()
+    assert not policy.held
+    assert gc.get_threshold() == (young, middle, old)
+
+
+def test_young_collections_do_not_hold_anything(policy: HeapPolicy) -> None:
+    policy.install()
+    policy.release_due()
+    gc.collect(0)
+    gc.collect(1)
+    assert not policy.held and policy.full_collections == 0
+
+
+async def test_the_release_loop_lets_cpythons_rule_decide_again(policy: HeapPolicy) -> None:
+    policy.install()
+    gc.collect()
+    assert policy.held
+    loop = asyncio.ensure_future(policy.release_loop())
+    try:
+        for _ in range(40):
+            if not policy.held:
+                break
+            await asyncio.sleep(0.1)
+        assert not policy.held
+    finally:
+        loop.cancel()
+
+
+def test_uninstall_restores_the_threshold_and_stops_listening(policy: HeapPolicy) -> None:
+    thresholds = gc.get_threshold()
+    policy.install()
+    gc.collect()
+    policy.uninstall()
+    assert gc.get_threshold() == thresholds
+    gc.collect()
+    assert not policy.held
