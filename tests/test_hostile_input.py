@@ -365,11 +365,20 @@ async def test_the_event_buffer_is_bounded_by_bytes_and_lets_one_large_event_in_
     second = asyncio.ensure_future(writer.put(run_id, 2, b"y" * 600))
     await asyncio.sleep(0.05)
     assert not second.done() and writer.depth == 1  # 1200 bytes would pass the bound
-    second.cancel()
+    assert writer.buffered_bytes == 600
+    # Written (here refused for good: no such run), its bytes leave the count and
+    # the waiting event gets in.
+    task = asyncio.ensure_future(writer.run())
+    try:
+        await asyncio.wait_for(second, 10)
+        await writer.flush()
+        assert (writer.depth, writer.buffered_bytes) == (0, 0)
+    finally:
+        task.cancel()
     alone = EventWriter(store=svc.store, metrics=svc.metrics, live=svc.live,
                         queue_max=1000, queue_max_bytes=1000)
     await alone.put(run_id, 1, b"z" * 5000)  # larger than the bound, into an empty buffer
-    assert alone.depth == 1
+    assert (alone.depth, alone.buffered_bytes) == (1, 5000)
 
 
 def test_an_event_row_beyond_int4_is_refused_by_the_encoder_as_asyncpg_refused_it() -> None:
