@@ -8,7 +8,10 @@ prints ms per batch and events/s for each, as JSON lines:
 - ``unnest``: one multi-row INSERT … unnest and the event_count UPDATE in one
   statement, one round trip (the gateway's way until issue 14);
 - ``copy``: binary COPY (``copy_records_to_table``) and the UPDATE in one
-  transaction, four round trips (``Store.write_events`` now);
+  transaction, four round trips (``Store.write_events`` until ingest round four);
+- ``copy_encoded``: the same, the COPY stream encoded by ``encode_event_copy``
+  from the writer's rows (``Store.write_events`` now; the CPU figure includes
+  turning this benchmark's rows into that shape, one tuple per event);
 - each again into a copy of the table without the foreign key to
   agent_run_logs (``…_nofk``; migration 0005 dropped it), written in turns;
 - ``unnest_parts``: the INSERT alone and the UPDATE alone, and ``commit``: an
@@ -29,7 +32,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import asyncpg
@@ -37,7 +40,7 @@ import orjson
 import structlog
 
 from gateway.migrate import apply_migrations, default_migrations_dir
-from gateway.store import EVENT_COLUMNS, UPDATE_EVENT_COUNTS
+from gateway.store import EVENT_COLUMNS, UPDATE_EVENT_COUNTS, encode_event_copy
 
 INSERT_EVENTS = """
 WITH stored AS (
@@ -108,6 +111,23 @@ async def write_copy(conn: asyncpg.Connection, table: str, batch: Batch,
         await conn.fetch(UPDATE_EVENT_COUNTS, list(last), list(last.values()))
 
 
+async def write_copy_encoded(conn: asyncpg.Connection, table: str, batch: Batch,
+                             last: dict[uuid.UUID, int]) -> None:
+    at = time.time_ns() // 1000
+    text = batch[0][2]
+    data = text.encode()  # one payload in every row of a Source batch
+    rows = [(run_id, seq, data if d is text else d.encode(), at)
+            for run_id, seq, d, _at in batch]
+
+    async def source() -> AsyncIterator[bytes]:
+        yield encode_event_copy(rows)
+
+    async with conn.transaction():
+        await conn.copy_to_table(table, source=source(), columns=EVENT_COLUMNS,
+                                 format="binary")
+        await conn.fetch(UPDATE_EVENT_COUNTS, list(last), list(last.values()))
+
+
 async def write_insert_only(conn: asyncpg.Connection, table: str, batch: Batch,
                             last: dict[uuid.UUID, int]) -> None:
     run_ids, seqs, data, received = zip(*batch, strict=True)
@@ -154,6 +174,7 @@ async def main_async(args: argparse.Namespace, dsn: str) -> None:
             "VALUES ($1, 'bench', 'bench', 'running')", [(r,) for r in run_ids])
         source = Source(run_ids, args.size)
         variants: dict[str, Writer] = {"unnest": write_unnest, "copy": write_copy,
+                                       "copy_encoded": write_copy_encoded,
                                        "insert_only": write_insert_only,
                                        "update_only": write_update_only, "commit": commit_only}
         results: dict[str, list[float]] = {}

@@ -102,11 +102,10 @@ class Ingest:
             await self.store.dispatch_run(run_id, device_id="d", instance_id="bench")
 
     async def run(self, stop: asyncio.Event) -> None:
-        payload = json.dumps({"type": "token", "text": "x" * 160})
+        payload = json.dumps({"type": "token", "text": "x" * 160}).encode()
         while not stop.is_set():
             self.seq += 1
-            now = time.time()
-            at = dt.datetime.fromtimestamp(now, dt.UTC)
+            at = time.time_ns() // 1000  # the writer's received_at: µs since the epoch
             records = []
             per_run = INGEST_BATCH // INGEST_RUNS
             for run_id in self.runs:

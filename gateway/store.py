@@ -13,11 +13,13 @@ section; it was left for after this round's parallel branches had merged.
 from __future__ import annotations
 
 import datetime as dt
+import struct
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import asyncpg
+import asyncpg.exceptions._base as asyncpg_base
 import attrs
 import orjson
 from asyncpg.pool import PoolConnectionProxy
@@ -238,6 +240,63 @@ SELECT seq, data, received_at, more FROM (
 # every run of the batch, and holds their rows locked until the commit, so a
 # run deleted meanwhile fails the batch as the key did (once per run, not per row).
 EVENT_COLUMNS = ("run_id", "seq", "data", "received_at")
+
+# An event as the writer holds it: run, seq, the data's JSON text in UTF-8, and
+# received_at in microseconds since the Unix epoch (time.time_ns() // 1000).
+EventRow = tuple[uuid.UUID, int, bytes, int]
+
+# PostgreSQL's binary COPY format (the COPY page of its manual): a header, one
+# tuple per row (a field count, then each field's length and bytes), a trailer.
+# Encoded here in one pass over bytes the writer already holds: asyncpg's
+# copy_records_to_table would encode a str to UTF-8 again and convert a
+# datetime per row, and the rows would need building in its shapes first.
+COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + bytes(8)  # signature, flags, no extension
+COPY_TRAILER = b"\xff\xff"
+# Per row: 4 fields; run_id uuid (16 bytes); then seq int4's length (the run's
+# part, the same for each of its rows).
+_ROW_RUN = struct.Struct(">hi16si")
+# seq's value, data's length (+1: the jsonb version byte) and that byte (1).
+_ROW_SEQ_DATA = struct.Struct(">iiB")
+# received_at: timestamptz, 8 bytes, microseconds since 2000-01-01 UTC.
+_ROW_AT = struct.Struct(">iq")
+_PG_EPOCH_US = 946_684_800_000_000
+_UNIX_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+async def _once(payload: bytes) -> AsyncIterator[bytes]:
+    """``payload`` as COPY's source (asyncpg would take bare bytes for a file name)."""
+    yield payload
+
+
+def received_at(unix_us: int) -> dt.datetime:
+    """An EventRow's received_at as the datetime PostgreSQL will return for it."""
+    return _UNIX_EPOCH + dt.timedelta(microseconds=unix_us)
+
+
+def encode_event_copy(rows: Sequence[EventRow]) -> bytes:
+    """``rows`` as one binary COPY stream for EVENT_COLUMNS.
+
+    Raises asyncpg's client-side DataError, as its own encoder did, for a seq
+    outside int4 (nothing is sent).
+    """
+    run_parts: dict[uuid.UUID, bytes] = {}
+    seq_data = _ROW_SEQ_DATA.pack
+    at = _ROW_AT.pack
+    parts = [COPY_HEADER]
+    append = parts.append
+    try:
+        for run_id, seq, data, unix_us in rows:
+            run_part = run_parts.get(run_id)
+            if run_part is None:
+                run_part = run_parts[run_id] = _ROW_RUN.pack(4, 16, run_id.bytes, 4)
+            append(run_part)
+            append(seq_data(seq, len(data) + 1, 1))
+            append(data)
+            append(at(8, unix_us - _PG_EPOCH_US))
+    except struct.error as exc:
+        raise asyncpg_base.DataError(f"event row cannot be encoded: {exc}") from None
+    append(COPY_TRAILER)
+    return b"".join(parts)
 UPDATE_EVENT_COUNTS = """
 UPDATE agent_run_logs AS r
    SET event_count = GREATEST(r.event_count, c.last_seq)
@@ -490,8 +549,7 @@ class Store:
         return events, len(rows) == limit or (bool(rows) and rows[-1]["more"])
 
     async def write_events(
-        self, records: Sequence[tuple[uuid.UUID, int, str, dt.datetime]],
-        last_seq_by_run: dict[uuid.UUID, int],
+        self, records: Sequence[EventRow], last_seq_by_run: dict[uuid.UUID, int],
     ) -> None:
         """Store a batch of events and bump the runs' event counts, atomically.
 
@@ -500,9 +558,10 @@ class Store:
         """
         if not records:
             return
+        payload = encode_event_copy(records)
         async with self.pool.acquire() as conn, conn.transaction():
-            await conn.copy_records_to_table("agent_run_events", records=records,
-                                             columns=EVENT_COLUMNS)
+            await conn.copy_to_table("agent_run_events", source=_once(payload),
+                                     columns=EVENT_COLUMNS, format="binary")
             found = await conn.fetch(UPDATE_EVENT_COUNTS, list(last_seq_by_run),
                                      list(last_seq_by_run.values()))
             if len(found) != len(last_seq_by_run):

@@ -15,15 +15,16 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
+import asyncpg.exceptions._base as asyncpg_base
 import orjson
 import pytest
 from harness import JWT_SECRET, SERVICE_TOKEN, WS_PATH, Device, Harness, mint
 
 from gateway.auth import AuthError, DeviceAuthenticator
 from gateway.device.handlers import COSTLY_BURST
-from gateway.runs.events import EventWriter
+from gateway.runs.events import PERMANENT_ERRORS, EventWriter
 from gateway.runs.live import Subscription
-from gateway.store import StoredEvent
+from gateway.store import COPY_HEADER, StoredEvent, encode_event_copy
 
 MakeGateway = Callable[..., Awaitable[Harness]]
 
@@ -360,15 +361,34 @@ async def test_the_event_buffer_is_bounded_by_bytes_and_lets_one_large_event_in_
     writer = EventWriter(store=svc.store, metrics=svc.metrics, live=svc.live,
                          queue_max=1000, queue_max_bytes=1000)
     run_id = uuid.uuid4()
-    await writer.put(run_id, 1, "x" * 600)
-    second = asyncio.ensure_future(writer.put(run_id, 2, "y" * 600))
+    await writer.put(run_id, 1, b"x" * 600)
+    second = asyncio.ensure_future(writer.put(run_id, 2, b"y" * 600))
     await asyncio.sleep(0.05)
     assert not second.done() and writer.depth == 1  # 1200 bytes would pass the bound
-    second.cancel()
+    assert writer.buffered_bytes == 600
+    # Written (here refused for good: no such run), its bytes leave the count and
+    # the waiting event gets in.
+    task = asyncio.ensure_future(writer.run())
+    try:
+        await asyncio.wait_for(second, 10)
+        await writer.flush()
+        assert (writer.depth, writer.buffered_bytes) == (0, 0)
+    finally:
+        task.cancel()
     alone = EventWriter(store=svc.store, metrics=svc.metrics, live=svc.live,
                         queue_max=1000, queue_max_bytes=1000)
-    await alone.put(run_id, 1, "z" * 5000)  # larger than the bound, into an empty buffer
-    assert alone.depth == 1
+    await alone.put(run_id, 1, b"z" * 5000)  # larger than the bound, into an empty buffer
+    assert (alone.depth, alone.buffered_bytes) == (1, 5000)
+
+
+def test_an_event_row_beyond_int4_is_refused_by_the_encoder_as_asyncpg_refused_it() -> None:
+    """seq is an int4 column: the COPY encoder raises the error the writer
+    classifies as permanent (the row is dropped, logged, its run ended)."""
+    row = (uuid.uuid4(), 2**31, b"1", time.time_ns() // 1000)
+    with pytest.raises(asyncpg_base.DataError):
+        encode_event_copy([row])
+    assert isinstance(asyncpg_base.DataError("x"), PERMANENT_ERRORS)
+    assert encode_event_copy([(row[0], 2**31 - 1, b"1", row[3])]).startswith(COPY_HEADER)
 
 
 def test_a_live_reader_overflows_by_bytes() -> None:

@@ -374,6 +374,10 @@ async def test_readers_attached_before_during_and_after_see_every_event_once_in_
             assert_events_in_order(pairs(lines), count)
         except AssertionError as exc:
             raise AssertionError(f"reader attached {name}: {exc}") from None
+    # What a live reader was handed is what the table holds, received_at to the
+    # microsecond (the writer keeps it as an integer, PostgreSQL as a timestamp).
+    assert before_lines == after_lines
+    assert middle_lines == after_lines
     assert gateway.svc.live.reader_count == 0
 
 

@@ -71,7 +71,8 @@ def _refuse_without_query(ctx: DeviceContext, run_id_text: str) -> None:
     """Past its allowance, a frame for a run this connection does not own is
     answered from memory: ``run_finished`` for a run it just finished, else
     ``unknown_run`` (no query to find out whether the run ended long ago)."""
-    if not ctx.costly.exhausted or ctx.runs.tracking.owned(ctx.conn, run_id_text) is not None:
+    # Ownership first: a dict look-up, where the allowance reads the clock (per event).
+    if ctx.runs.tracking.owned(ctx.conn, run_id_text) is not None or not ctx.costly.exhausted:
         return
     run_id = parse_run_id(run_id_text)
     if run_id is not None and ctx.runs.tracking.recently_finished(ctx.conn, run_id):

@@ -1,7 +1,7 @@
 """The batched, back-pressured writer of agent_run_events.
 
 One supervised task (``run``) drains a bounded buffer into PostgreSQL with
-one multi-row ``INSERT … FROM unnest(…)`` per batch. When the buffer is full,
+one binary ``COPY`` per batch (``Store.write_events``). When the buffer is full,
 ``put`` waits, and since the device's receive loop awaits ``put``, that
 device's socket stops being read: memory
 stays bounded and no event is ever dropped (PROTOCOL.md §3.4). Only after a
@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import datetime as dt
+import itertools
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 
 import asyncpg
 import asyncpg.exceptions._base as asyncpg_base
@@ -37,11 +37,11 @@ from aiohttp import web
 
 from gateway.metrics import Metrics
 from gateway.runs.live import LiveEvents
-from gateway.store import Store, StoredEvent
+from gateway.store import EventRow, Store, StoredEvent, received_at
 
 log = structlog.get_logger(__name__)
 
-EventRecord = tuple[uuid.UUID, int, str, dt.datetime]
+EventRecord = EventRow
 
 # Events put before the putting task yields to the event loop. A device's task
 # does not suspend while its socket has frames buffered, so it would put a whole
@@ -92,6 +92,9 @@ class EventWriter:
     # 60 events of 3.5 MiB were 363 MiB under the count bound alone.
     queue_max_bytes: int = 64 * 1024 * 1024
     batch_max: int = 2000
+    # Bytes of event JSON in one batch at most (one larger event goes alone): the
+    # batch is encoded into one COPY buffer of about that size besides the buffer.
+    batch_max_bytes: int = 4 * 1024 * 1024
     # Told, after each commit, the highest seq stored per run in the batch
     # (acks under event_acks); must not wait for anything.
     on_commit: Callable[[Mapping[uuid.UUID, int]], None] | None = None
@@ -107,11 +110,8 @@ class EventWriter:
     _flush_waiters: list[tuple[int, asyncio.Future[None]]] = attrs.Factory(list)
     _stopping: bool = False
     _stopped: asyncio.Event = attrs.Factory(asyncio.Event)
-    # The size of each buffered event, oldest first, and their sum. ``run`` only
-    # counts commits (``_committed``); ``_buffered_bytes`` lets the committed ones go.
-    _sizes: collections.deque[int] = attrs.Factory(collections.deque)
-    _sizes_total: int = 0
-    _sizes_released: int = 0
+    # Bytes of event JSON in the buffer: ``put`` adds, ``run`` subtracts a batch once stored.
+    _bytes: int = 0
     # time.monotonic() when the batch being written was first tried; None when idle.
     _writing_since: float | None = None
 
@@ -122,27 +122,24 @@ class EventWriter:
     def depth(self) -> int:
         return len(self._buffer)
 
-    def _buffered_bytes(self) -> int:
-        while self._sizes_released < self._committed and self._sizes:
-            self._sizes_total -= self._sizes.popleft()
-            self._sizes_released += 1
-        return self._sizes_total
+    @property
+    def buffered_bytes(self) -> int:
+        return self._bytes
+
     def stalled(self) -> bool:
         """A batch has waited longer than ``stall_after_s`` for its commit (Tasks asks)."""
         since = self._writing_since
         return since is not None and time.monotonic() - since > self.stall_after_s
 
-    async def put(self, run_id: uuid.UUID, seq: int, data_json: str) -> None:
-        """Queue one event; waits while the buffer is full (back-pressure)."""
+    async def put(self, run_id: uuid.UUID, seq: int, data_json: bytes) -> None:
+        """Queue one event (its JSON in UTF-8); waits while the buffer is full (back-pressure)."""
         size = len(data_json)
         while len(self._buffer) >= self.queue_max or (
-                self._buffer and self._buffered_bytes() + size > self.queue_max_bytes):
+                self._buffer and self._bytes + size > self.queue_max_bytes):
             self._has_room.clear()
             await self._has_room.wait()
-        self._buffered_bytes()
-        self._sizes.append(size)
-        self._sizes_total += size
-        self._buffer.append((run_id, seq, data_json, dt.datetime.now(dt.UTC)))
+        self._bytes += size
+        self._buffer.append((run_id, seq, data_json, time.time_ns() // 1000))
         self._enqueued += 1
         self._has_work.set()
         if self._enqueued % PUTS_PER_TURN == 0:
@@ -189,31 +186,51 @@ class EventWriter:
                 self._has_work.clear()
                 await self._has_work.wait()
                 continue
-            count = min(len(self._buffer), self.batch_max)
-            batch = [self._buffer[i] for i in range(count)]
+            batch, size, last_seqs = self._next_batch()
+            count = len(batch)
             if self._writing_since is None:
                 self._writing_since = time.monotonic()
-            lost = await self._write_isolating(batch)
+            lost = await self._write_isolating(batch, last_seqs)
             self._writing_since = None
             for _ in range(count):
                 self._buffer.popleft()
             self._committed += count  # lost rows too: nobody may wait for them
+            self._bytes -= size
             self._has_room.set()
             stored = batch
             if lost:
                 gone = {(run_id, seq) for run_id, seq, _data, _at in lost}
                 stored = [e for e in batch if (e[0], e[1]) not in gone]
+                last_seqs = _last_seqs(stored)
             self.metrics.events_stored.inc(len(stored))
             self.metrics.event_batch_size.observe(count)
             self.metrics.event_queue_depth.set(len(self._buffer))
             self._release_flush_waiters()
-            self._publish(stored)
+            self._publish(stored, last_seqs)
             if self.on_commit is not None and stored:
-                self.on_commit(_last_seqs(stored))
+                self.on_commit(last_seqs)
             if lost:
                 await self._report_lost(lost)
 
-    async def _write_isolating(self, batch: list[EventRecord]) -> list[EventRecord]:
+    def _next_batch(self) -> tuple[list[EventRecord], int, dict[uuid.UUID, int]]:
+        """The oldest events, up to ``batch_max`` and ``batch_max_bytes``; their bytes
+        and the highest seq per run (one pass: this runs per event)."""
+        size = 0
+        count = 0
+        limit = self.batch_max_bytes
+        last_seqs: dict[uuid.UUID, int] = {}
+        for run_id, seq, data, _at in itertools.islice(self._buffer, self.batch_max):
+            if count and size + len(data) > limit:
+                break
+            size += len(data)
+            count += 1
+            if seq > last_seqs.get(run_id, 0):
+                last_seqs[run_id] = seq
+        return list(itertools.islice(self._buffer, count)), size, last_seqs
+
+    async def _write_isolating(self, batch: list[EventRecord],
+                               last_seqs: dict[uuid.UUID, int] | None = None
+                               ) -> list[EventRecord]:
         """Store ``batch``, or every row of it the database can take; return the others.
 
         Transient errors are retried (``_write_with_retry``). On a permanent one
@@ -222,7 +239,7 @@ class EventWriter:
         the refused ones stand alone. Order within a run is kept.
         """
         try:
-            await self._write_with_retry(batch)
+            await self._write_with_retry(batch, last_seqs or _last_seqs(batch))
             return []
         except PermanentWriteError as failure:
             exc = failure.__cause__
@@ -255,13 +272,13 @@ class EventWriter:
         if self.on_lost is not None:
             await self.on_lost(by_run)
 
-    async def _write_with_retry(self, batch: list[EventRecord]) -> None:
+    async def _write_with_retry(self, batch: list[EventRecord],
+                                last_seq: dict[uuid.UUID, int]) -> None:
         """Write ``batch`` in one statement, retrying transient errors until it is stored.
 
         Raises PermanentWriteError when the rows can never be stored; anything
         unclassified propagates (a bug: the supervisor logs and restarts).
         """
-        last_seq = _last_seqs(batch)
         delay = RETRY_FIRST_S
         retried = False
         while True:
@@ -302,12 +319,16 @@ class EventWriter:
                 still.append((target, future))
         self._flush_waiters = still
 
-    def _publish(self, batch: list[EventRecord]) -> None:
+    def _publish(self, batch: list[EventRecord], runs: Iterable[uuid.UUID]) -> None:
+        """Hand ``batch`` to the live readers of its ``runs`` (usually none: no pass)."""
+        wanted = {run_id for run_id in runs if self.live.wanted(run_id)}
+        if not wanted:
+            return
         by_run: dict[uuid.UUID, list[StoredEvent]] = {}
-        wanted = self.live.wanted
-        for run_id, seq, data, received_at in batch:
-            if wanted(run_id):
-                by_run.setdefault(run_id, []).append(StoredEvent(seq, data, received_at))
+        for run_id, seq, data, unix_us in batch:
+            if run_id in wanted:
+                by_run.setdefault(run_id, []).append(
+                    StoredEvent(seq, data.decode(), received_at(unix_us)))
         for run_id, events in by_run.items():
             self.live.publish(run_id, events)
 

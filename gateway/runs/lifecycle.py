@@ -261,7 +261,7 @@ class Runs:
                 raise RunRefused(codes.BAD_FRAME,
                                  f"'seq' {seq} skips events: expected {active.last_seq + 1}")
         active.last_seq += 1
-        await self.writer.put(active.run_id, active.last_seq, orjson.dumps(data).decode())
+        await self.writer.put(active.run_id, active.last_seq, orjson.dumps(data))
 
     def _stored(self, last_seq_by_run: Mapping[uuid.UUID, int]) -> None:
         """A batch was committed: acks, one per run, to devices that asked for them."""

@@ -53,7 +53,11 @@ class FrameError(Exception):
         self.ref = ref
 
 
-@attrs.frozen
+# Frame and AgentData are built once per event on the ingest path: they are
+# values (nothing assigns to them), declared with attrs.define because a frozen
+# class's __init__ sets each field through object.__setattr__, three times as
+# slow (benchmarks/RESULTS.md, ingest round four).
+@attrs.define
 class Frame:
     """A decoded frame: its type and its fields, not yet checked per type."""
 
@@ -128,8 +132,13 @@ def decode(raw: bytes | str) -> Frame:
         raise FrameError("a frame needs a string field 'type'", ref=None)
     if problem := text_problem(raw, value):
         raise FrameError(problem, ref=frame_type)
-    needle: bytes | str = b"\\u0000" if isinstance(raw, bytes) else "\\u0000"
-    return Frame(frame_type, value, needle in raw)  # type: ignore[operator]
+    # One byte is found with memchr; the six-byte search runs only if a frame
+    # has escapes at all.
+    if isinstance(raw, bytes):
+        may_hold_nul = b"\\" in raw and b"\\u0000" in raw
+    else:
+        may_hold_nul = "\\" in raw and "\\u0000" in raw
+    return Frame(frame_type, value, may_hold_nul)
 
 
 # ---------------------------------------------------------------- field checks
@@ -280,7 +289,7 @@ def parse_tool_progress(frame: Frame) -> ToolProgress:
     return ToolProgress(call_id, progress, message)
 
 
-@attrs.frozen
+@attrs.define  # one per event: see Frame
 class AgentData:
     run_id: str
     data: Any
