@@ -44,17 +44,19 @@ class DeviceContext:
     costly: Allowance = attrs.Factory(lambda: Allowance(COSTLY_PER_MINUTE, COSTLY_BURST))
 
 
-Handler = Callable[[DeviceContext, Frame], Awaitable[None]]
+# A handler that never waits is a plain function (no coroutine to create and
+# await per frame: tool_result is on every tool call's path).
+Handler = Callable[[DeviceContext, Frame], Awaitable[None] | None]
 
 
-async def handle_tool_result(ctx: DeviceContext, frame: Frame) -> None:
+def handle_tool_result(ctx: DeviceContext, frame: Frame) -> None:
     result = frames.parse_tool_result(frame)
     if not ctx.conn.resolve_call(result):
         raise FrameError("no such pending call on this connection", ref=frame.type,
                          code=codes.UNKNOWN_CALL)
 
 
-async def handle_tool_progress(ctx: DeviceContext, frame: Frame) -> None:
+def handle_tool_progress(ctx: DeviceContext, frame: Frame) -> None:
     progress = frames.parse_tool_progress(frame)
     if not ctx.conn.progress_call(progress.id):
         raise FrameError("no such pending call on this connection", ref=frame.type,
@@ -92,11 +94,11 @@ async def handle_agent_complete(ctx: DeviceContext, frame: Frame) -> None:
                             result=done.result, has_result=done.has_result)
 
 
-async def handle_ping(ctx: DeviceContext, frame: Frame) -> None:
+def handle_ping(ctx: DeviceContext, frame: Frame) -> None:
     ctx.conn.send(messages.PONG)
 
 
-async def handle_pong(ctx: DeviceContext, frame: Frame) -> None:
+def handle_pong(ctx: DeviceContext, frame: Frame) -> None:
     """Legacy heartbeat acknowledgement: liveness is the WebSocket's own ping/pong."""
 
 
@@ -165,7 +167,9 @@ async def dispatch(ctx: DeviceContext, raw: bytes | str) -> None:
             return
         frame_type = frame.type
         ctx.metrics.frame_in(frame_type)
-        await handler(ctx, frame)
+        waiting = handler(ctx, frame)
+        if waiting is not None:
+            await waiting
     except FrameError as exc:
         await refuse(ctx, exc.code, exc.message, exc.ref)
     except RunRefused as exc:
