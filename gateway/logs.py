@@ -138,6 +138,52 @@ class JsonLines:
     warn = warning = error = err = exception = critical = fatal = failure = now
 
 
+_RENDERED = (bytes, str, bytearray)
+_LEVELS = ((logging.DEBUG, "debug"), (logging.INFO, "info"), (logging.WARNING, "warning"),
+           (logging.ERROR, "error"), (logging.CRITICAL, "critical"))
+
+
+def lean_bound_logger(min_level: int) -> type[Any]:
+    """structlog's filtering bound logger, with its enabled levels one call shallower.
+
+    structlog's method hands the keywords to ``_proxy_to_logger``, which hands
+    them to ``_process_event``, which copies the context and updates it with
+    them: three calls and two dict rebuilds per line, ~1 µs of the tool call's
+    ~4 µs line. These methods do the same in one step: context first, keywords
+    over it, ``event`` last, the processors, DropEvent honoured, and the result
+    to the wrapped logger's method of the same name. A line with positional
+    ``%`` arguments takes structlog's own path.
+    """
+    base: type[Any] = structlog.make_filtering_bound_logger(min_level)
+
+    def lean(name: str) -> Any:
+        standard = getattr(base, name)
+
+        def meth(self: Any, event: str, *args: Any, **kw: Any) -> Any:
+            if args:
+                return standard(self, event, *args, **kw)
+            context = self._context
+            event_dict: Any = {**context, **kw} if context else kw
+            event_dict["event"] = event
+            logger = self._logger
+            try:
+                for processor in self._processors:
+                    event_dict = processor(logger, name, event_dict)
+            except structlog.DropEvent:
+                return None
+            if isinstance(event_dict, _RENDERED):
+                return getattr(logger, name)(event_dict)
+            if isinstance(event_dict, tuple):
+                return getattr(logger, name)(*event_dict[0], **event_dict[1])
+            return getattr(logger, name)(**event_dict)
+
+        meth.__name__ = name
+        return meth
+
+    methods = {name: lean(name) for level, name in _LEVELS if level >= min_level}
+    return type(f"Lean{base.__name__}", (base,), methods)
+
+
 def configure_logging(*, level: str = "info", fmt: str | None = None) -> None:
     """Route structlog and stdlib logging (aiohttp, asyncio) to stdout."""
     if fmt is None:
@@ -165,7 +211,7 @@ def configure_logging(*, level: str = "info", fmt: str | None = None) -> None:
     numeric_level = logging.getLevelName(level.upper())
     structlog.configure(
         processors=processors,
-        wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
+        wrapper_class=lean_bound_logger(numeric_level),
         logger_factory=logger_factory,
         cache_logger_on_first_use=True,
     )
