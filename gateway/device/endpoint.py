@@ -13,7 +13,7 @@ from gateway.auth import AUTHENTICATOR, AuthError, bearer_token
 from gateway.cluster.presence import PRESENCE
 from gateway.config import SETTINGS
 from gateway.device.connection import Connection, ConnectionGone
-from gateway.device.handlers import DeviceContext, dispatch, refuse
+from gateway.device.handlers import DeviceContext, dispatch_now, refuse
 from gateway.device.outbox import MIN_QUEUED_BYTES
 from gateway.device.registry import REGISTRY
 from gateway.device.sockets import DEVICE_SOCKETS
@@ -270,10 +270,12 @@ async def _receive_loop(ctx: DeviceContext, ws: web.WebSocketResponse,
             if len(msg.data) > max_frame_bytes:  # one byte over aiohttp's own bound
                 ctx.conn.request_close(CloseCode.TOO_BIG, "frame too big")
                 return
-            await dispatch(ctx, msg.data)
+            waiting = dispatch_now(ctx, msg.data)
+            if waiting is not None:
+                await waiting
         elif msg.type is WSMsgType.BINARY:
             ctx.conn.frames_in += 1
-            await refuse(ctx, codes.BAD_FRAME, "binary frames are not accepted", None)
+            refuse(ctx, codes.BAD_FRAME, "binary frames are not accepted", None)
         else:  # CLOSE, CLOSING, CLOSED, ERROR: the socket is done
             return
 

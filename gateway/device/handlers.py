@@ -155,6 +155,19 @@ HANDLERS: Final[dict[str, Handler]] = {
 
 async def dispatch(ctx: DeviceContext, raw: bytes | str) -> None:
     """Handle one text frame; refusals and failures become one ``error`` frame each."""
+    waiting = dispatch_now(ctx, raw)
+    if waiting is not None:
+        await waiting
+
+
+def dispatch_now(ctx: DeviceContext, raw: bytes | str) -> Awaitable[None] | None:
+    """``dispatch`` without a coroutine of its own: what is left to wait for, if anything.
+
+    The receive loop calls this: most frames (a tool_result on every call) are
+    done when it returns, and a coroutine per frame to await was a measurable
+    share of a tool call. Only a handler that waits (a query, a queue) leaves
+    an awaitable, whose failures are answered the same way.
+    """
     conn = ctx.conn
     conn.frames_in += 1
     frame_type: str | None = None  # known once the frame decoded
@@ -164,31 +177,43 @@ async def dispatch(ctx: DeviceContext, raw: bytes | str) -> None:
         if handler is None:
             ctx.metrics.frame_in("unknown")
             log.debug("unknown_frame_type", frame_type=frame.type[:64])
-            return
+            return None
         frame_type = frame.type
         ctx.metrics.frame_in(frame_type)
         waiting = handler(ctx, frame)
-        if waiting is not None:
-            await waiting
-    except FrameError as exc:
-        await refuse(ctx, exc.code, exc.message, exc.ref)
-    except RunRefused as exc:
+    except Exception as exc:
+        _answer_failure(ctx, exc, frame_type)
+        return None
+    return None if waiting is None else _finish(ctx, waiting, frame_type)
+
+
+async def _finish(ctx: DeviceContext, waiting: Awaitable[None], frame_type: str) -> None:
+    try:
+        await waiting
+    except Exception as exc:
+        _answer_failure(ctx, exc, frame_type)
+
+
+def _answer_failure(ctx: DeviceContext, exc: Exception, frame_type: str | None) -> None:
+    """The one ``error`` frame for a frame its handler refused or failed on."""
+    if isinstance(exc, FrameError):
+        refuse(ctx, exc.code, exc.message, exc.ref)
+    elif isinstance(exc, RunRefused):
         if exc.code != codes.BAD_FRAME:  # an unknown_run/run_finished answer may have cost a query
             ctx.costly.take()
-        await refuse(ctx, exc.code, exc.message, frame_type)
-    except ConnectionGone:
-        raise  # the connection is ending anyway; its handler knows
-    except Exception as exc:
+        refuse(ctx, exc.code, exc.message, frame_type)
+    elif isinstance(exc, ConnectionGone):
+        raise exc  # the connection is ending anyway; its handler knows
+    else:
         # A bug or a database fault in one handler: this frame is answered and
         # the connection, with its other runs and calls, carries on.
         ctx.metrics.frame_handler_failures.labels(frame_type or "undecoded").inc()
         log.error("frame_handler_failed", frame_type=frame_type, error=repr(exc),
                   exc_info=exc)
-        await refuse(ctx, codes.INTERNAL, "the gateway failed to handle this frame",
-                     frame_type)
+        refuse(ctx, codes.INTERNAL, "the gateway failed to handle this frame", frame_type)
 
 
-async def refuse(ctx: DeviceContext, code: str, message: str, ref: str | None) -> None:
+def refuse(ctx: DeviceContext, code: str, message: str, ref: str | None) -> None:
     """Answer a refused frame; a device that keeps sending bad frames is closed."""
     ctx.metrics.bad_frames.labels(code).inc()
     log.debug("frame_refused", code=code, ref=ref, detail=message)
