@@ -60,6 +60,11 @@ def _orjson_dumps(value: Any, default: Any = None) -> str:
 
 
 _CONTEXT_PREFIX = "structlog_"
+_CONTEXT_PREFIX_LEN = len(_CONTEXT_PREFIX)
+_now = dt.datetime.now
+_UTC = dt.UTC
+# The line ends in its newline: JsonLines writes it as it is, no copy to add one.
+_LINE_OPTIONS = orjson.OPT_UTC_Z | orjson.OPT_APPEND_NEWLINE
 
 
 def render_json_line(
@@ -75,27 +80,26 @@ def render_json_line(
     RFC 3339 with "Z"; values JSON cannot hold are written with ``str()``
     (a path as its path, not its repr), as in stdlib libraries' lines. The
     level is the method's name: the filtering bound logger already maps warn,
-    exception and msg to warning, error and info.
+    exception and msg to warning, error and info. The line ends in its
+    newline (for JsonLines, which writes it as it is).
     """
-    context = contextvars.copy_context()
-    for var in context:
+    for var, value in contextvars.copy_context().items():
         name = var.name
-        if name.startswith(_CONTEXT_PREFIX):
-            value = context[var]
-            if value is not Ellipsis:
-                event_dict.setdefault(name[len(_CONTEXT_PREFIX):], value)
+        if name.startswith(_CONTEXT_PREFIX) and value is not Ellipsis:
+            event_dict.setdefault(name[_CONTEXT_PREFIX_LEN:], value)
     event_dict["level"] = method
-    event_dict["timestamp"] = dt.datetime.now(dt.UTC)
+    event_dict["timestamp"] = _now(_UTC)
     for key in event_dict:
         if key.lower() in SECRET_KEYS:
             event_dict[key] = REDACTED
     if "exc_info" in event_dict:
         event_dict = structlog.processors.format_exc_info(_logger, method, event_dict)
-    return orjson.dumps(event_dict, default=str, option=orjson.OPT_UTC_Z)
+    return orjson.dumps(event_dict, default=str, option=_LINE_OPTIONS)
 
 
 class JsonLines:
-    """Where the JSON lines go: a binary stream, flushed once per event-loop iteration.
+    """Where the JSON lines go (each ending in its newline): a binary stream,
+    flushed once per event-loop iteration.
 
     structlog's BytesLogger flushes after every line: a write(2) per tool call
     on the busiest path, to journald's socket in production. Here info and
@@ -116,7 +120,7 @@ class JsonLines:
         self._flush_on: asyncio.AbstractEventLoop | None = None
 
     def msg(self, message: bytes) -> None:
-        self._write(message + b"\n")
+        self._write(message)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -127,7 +131,7 @@ class JsonLines:
             loop.call_soon(self._flush)
 
     def now(self, message: bytes) -> None:
-        self._write(message + b"\n")
+        self._write(message)
         self._stream.flush()
 
     def _flush(self) -> None:

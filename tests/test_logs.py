@@ -22,7 +22,7 @@ from gateway.logs import REDACTED, render_json_line
 
 def render(method: str, **event: Any) -> dict[str, Any]:
     line = render_json_line(None, method, dict(event))
-    assert isinstance(line, bytes) and b"\n" not in line
+    assert isinstance(line, bytes) and line.index(b"\n") == len(line) - 1  # one line, ended
     value = orjson.loads(line)
     assert isinstance(value, dict)
     return value
@@ -207,29 +207,29 @@ def test_info_lines_leave_once_per_loop_iteration_warnings_at_once() -> None:
 
     raw = io.BytesIO()
     lines = JsonLines(io.BufferedWriter(raw))  # type: ignore[arg-type]
-    lines.info(b'{"event":"outside"}')
+    lines.info(b'{"event":"outside"}\n')
     assert raw.getvalue() == b'{"event":"outside"}\n'
 
     async def in_loop() -> None:
-        lines.info(b'{"event":"a"}')
-        lines.debug(b'{"event":"b"}')
+        lines.info(b'{"event":"a"}\n')
+        lines.debug(b'{"event":"b"}\n')
         assert raw.getvalue().count(b"\n") == 1  # both wait
         await asyncio.sleep(0)
         await asyncio.sleep(0)
         assert raw.getvalue().endswith(b'{"event":"a"}\n{"event":"b"}\n')
-        lines.info(b'{"event":"c"}')
-        lines.warning(b'{"event":"w"}')
+        lines.info(b'{"event":"c"}\n')
+        lines.warning(b'{"event":"w"}\n')
         assert raw.getvalue().endswith(b'{"event":"c"}\n{"event":"w"}\n')
 
     asyncio.run(in_loop())
 
     async def last_iteration() -> None:
-        lines.info(b'{"event":"last"}')  # the loop ends before its flush runs
+        lines.info(b'{"event":"last"}\n')  # the loop ends before its flush runs
 
     asyncio.run(last_iteration())
 
     async def next_loop() -> None:
-        lines.info(b'{"event":"next"}')
+        lines.info(b'{"event":"next"}\n')
         await asyncio.sleep(0)
         await asyncio.sleep(0)
 
