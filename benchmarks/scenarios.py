@@ -193,12 +193,16 @@ async def idle(ctx: Context, n: int, *, hold_s: float = 5.0, concurrency: int = 
     })[1] for r in ranges]
     for pipe in pipes:
         await expect(pipe, "ready", 60)
-    window = ctx.window()
+    window, profiler = ctx.window(), ctx.profiler()
     window.start()
+    if profiler:  # the ramp: connects and hellos (idle, storm, fleet)
+        profiler.start()
     for pipe in pipes:
         pipe.send("go")
     reports = [await expect(p, "connected", 120 + n / 50) for p in pipes]
     ramp = window.stop()
+    if profiler:
+        profiler.stop()
     connected = sum(r["connected"] for r in reports)
     latencies = [x for r in reports for x in r["latencies"]]
     ramp_s = max(r["finished"] for r in reports) - min(r["started"] for r in reports)

@@ -40,6 +40,7 @@ from gateway.device.endpoint import device_ws
 from gateway.device.moved import let_go
 from gateway.device.registry import REGISTRY, Registry
 from gateway.device.sockets import DEVICE_SOCKETS, DeviceSockets
+from gateway.heap import settle_after_start_up
 from gateway.http import internal_api, ops
 from gateway.http.admission import KEEPALIVE_S, Admission
 from gateway.http.envelope import envelope, expect_continue, json_errors, route_miss
@@ -143,8 +144,13 @@ async def open_gateway(
     pool = await create_pool(dsn)
     try:
         if settings.auto_migrate:
-            async with pool.acquire() as conn:
-                applied = await apply_migrations(conn, default_migrations_dir())  # type: ignore[arg-type]
+            # A connection of its own: the migration lock is session-level, and
+            # pooled connections are not reset on release (store._keep_session).
+            conn = await asyncpg.connect(dsn)
+            try:
+                applied = await apply_migrations(conn, default_migrations_dir())
+            finally:
+                await conn.close()
             if applied:
                 log.info("migrations_applied", migrations=applied)
         metrics = metrics or Metrics()
@@ -441,6 +447,7 @@ async def serve(
         for runner in (public, internal):
             assert runner.server is not None
             admission.attach(runner.server)
+        settle_after_start_up()
         try:
             reuse = settings.reuse_port or None
             # A reconnect storm: aiohttp's default backlog of 128 drops SYNs, and each

@@ -14,8 +14,9 @@ from typing import Any
 import attrs
 import jwt
 from aiohttp import web
+from jwt.algorithms import HMACAlgorithm
 
-from gateway.config import ASYMMETRIC_ALGORITHMS, Settings
+from gateway.config import ASYMMETRIC_ALGORITHMS, ConfigError, Settings
 
 # RFC 7518 §3.2: an HMAC key at least as long as the hash's output.
 HMAC_KEY_MIN_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
@@ -37,6 +38,39 @@ class AuthError(Exception):
     """The token was refused; ``str(exc)`` is a short, token-free reason."""
 
 
+class _CheckedOnceHMAC(HMACAlgorithm):
+    """HMAC whose secret was checked once, when the gateway started.
+
+    PyJWT's ``prepare_key`` checks an HMAC secret on every verify (not PEM,
+    SSH or DER, not a JWK: regexes and a JSON parse), which was a third of a
+    hello's token cost in a reconnect storm. The secret is fixed for the
+    process; any other key still gets PyJWT's whole check.
+    """
+
+    def __init__(self, hash_alg: Any, secret: bytes) -> None:
+        super().__init__(hash_alg)
+        self._secret = super().prepare_key(secret)
+
+    def prepare_key(self, key: str | bytes) -> bytes:
+        if key is self._secret:
+            return self._secret
+        return super().prepare_key(key)
+
+
+def _hmac_key(algorithm: str, secret: str) -> jwt.PyJWK:
+    """``secret`` as a key bound to ``algorithm``, its check already done."""
+    key = jwt.PyJWK({"kty": "oct", "k": jwt.utils.base64url_encode(secret.encode()).decode()},
+                    algorithm=algorithm)
+    hash_alg = {"HS256": HMACAlgorithm.SHA256, "HS384": HMACAlgorithm.SHA384,
+                "HS512": HMACAlgorithm.SHA512}[algorithm]
+    try:
+        checked = _CheckedOnceHMAC(hash_alg, key.key)
+    except jwt.InvalidKeyError as exc:
+        raise ConfigError(f"GATEWAY_JWT_SECRET cannot be an HMAC secret: {exc}") from None
+    key.Algorithm, key.key = checked, checked._secret
+    return key
+
+
 @attrs.frozen
 class DeviceClaims:
     """What the gateway keeps of a verified device token."""
@@ -56,6 +90,13 @@ class DeviceAuthenticator:
     issuer: str | None
     require_exp: bool
     leeway_s: float
+    _hmac_keys: dict[str, jwt.PyJWK] = attrs.field(init=False, repr=False)
+
+    @_hmac_keys.default
+    def _prepare_hmac_keys(self) -> dict[str, jwt.PyJWK]:
+        if self.secret is None:
+            return {}
+        return {a: _hmac_key(a, self.secret) for a in self.algorithms if a in HMAC_KEY_MIN_BYTES}
 
     @classmethod
     def from_settings(cls, settings: Settings, *, secret: str | None) -> DeviceAuthenticator:
@@ -72,10 +113,14 @@ class DeviceAuthenticator:
             leeway_s=settings.jwt_leeway_s,
         )
 
-    def _key_for(self, algorithm: str) -> str:
+    def _key_for(self, algorithm: str) -> str | jwt.PyJWK:
         # Each algorithm family gets only its own key, so a public key can never
         # be used as an HMAC secret (the classic algorithm-confusion attack).
-        key = self.public_key if algorithm in ASYMMETRIC_ALGORITHMS else self.secret
+        key: str | jwt.PyJWK | None
+        if algorithm in ASYMMETRIC_ALGORITHMS:
+            key = self.public_key
+        else:
+            key = self._hmac_keys.get(algorithm)
         if key is None:
             raise AuthError(f"algorithm {algorithm} is not configured")
         return key
@@ -83,13 +128,19 @@ class DeviceAuthenticator:
     def verify(self, token: str) -> DeviceClaims:
         if not token:
             raise AuthError("missing token")
-        try:
-            header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError:
-            raise AuthError("malformed token") from None
-        algorithm = header.get("alg")
-        if not isinstance(algorithm, str) or algorithm not in self.algorithms:
-            raise AuthError("token algorithm not allowed")
+        if len(self.algorithms) == 1:
+            # One algorithm allowed: its key is known without reading the header
+            # first (decode refuses any other alg as InvalidAlgorithmError).
+            algorithm = self.algorithms[0]
+        else:
+            try:
+                header = jwt.get_unverified_header(token)
+            except jwt.PyJWTError:
+                raise AuthError("malformed token") from None
+            named = header.get("alg")
+            if not isinstance(named, str) or named not in self.algorithms:
+                raise AuthError("token algorithm not allowed")
+            algorithm = named
         required = ["sub", "exp"] if self.require_exp else ["sub"]
         options: Any = {"require": required, "verify_aud": self.audience is not None}
         try:
@@ -112,6 +163,10 @@ class DeviceAuthenticator:
             raise AuthError("token issuer not accepted") from None
         except jwt.InvalidSignatureError:
             raise AuthError("token signature invalid") from None
+        except jwt.InvalidAlgorithmError:
+            raise AuthError("token algorithm not allowed") from None
+        except jwt.DecodeError:
+            raise AuthError("malformed token") from None
         except jwt.PyJWTError:
             raise AuthError("token invalid") from None
         subject = claims.get("sub")

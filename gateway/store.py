@@ -516,10 +516,23 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     await conn.execute("SET TIME ZONE 'UTC'")
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """What a pooled connection needs on its way back to the pool: nothing more.
+
+    asyncpg's default reset sends ``RESET ALL; UNLISTEN *; CLOSE ALL;
+    pg_advisory_unlock_all()`` on every release, a second round trip for each
+    single-statement use (a hello made four). Pooled connections never take
+    session state (LISTEN has a connection of its own, advisory locks are
+    transaction-level, cursors live in transactions), and asyncpg still rolls
+    back an open transaction before this runs. It also keeps ``SET TIME ZONE``
+    of ``_init_connection``, which ``RESET ALL`` undid after the first use.
+    """
+
+
 async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 10) -> asyncpg.Pool:
     pool = await asyncpg.create_pool(
         dsn, min_size=min_size, max_size=max_size, init=_init_connection,
-        command_timeout=60,
+        reset=_keep_session, command_timeout=60,
     )
     assert pool is not None
     return pool
@@ -656,14 +669,6 @@ DELETE_INSTANCE = "DELETE FROM gateway_instances WHERE instance_id = $1"
 DELETE_INSTANCE_PRESENCE = "DELETE FROM device_presence WHERE instance_id = $1"
 
 # A hello: the row of (user, device) becomes this connection's, whoever held it.
-UPSERT_PRESENCE = """
-INSERT INTO device_presence (user_id, device_id, instance_id, connection_id, agent_ids,
-                             connected_at)
-VALUES ($1, $2, $3, $4, $5::text[], $6)
-ON CONFLICT (user_id, device_id) DO UPDATE
-   SET instance_id = EXCLUDED.instance_id, connection_id = EXCLUDED.connection_id,
-       agent_ids = EXCLUDED.agent_ids, connected_at = EXCLUDED.connected_at
-"""
 
 # Back after being reaped: our rows again, except for devices another process
 # took meanwhile (those connections of ours are let go, see PRESENCE_LOST).
@@ -694,10 +699,26 @@ SELECT p.user_id, p.device_id, p.instance_id, p.connection_id, p.agent_ids, p.co
 """
 
 # At a hello: the user's other devices on every live process, and who holds this one.
+
+# At hellos (batched, a reconnect storm brings thousands): the presence rows on
+# live processes of the users $1.
 HELLO_PRESENCE = f"""
-SELECT p.device_id, p.instance_id, p.connection_id, i.advertise_url
+SELECT p.user_id, p.device_id, p.instance_id, p.connection_id, i.advertise_url
   FROM device_presence AS p {_LIVE}
- WHERE p.user_id = $1
+ WHERE p.user_id = ANY($1::text[])
+"""
+
+# Devices up (batched): one row per device, the batch keeps the last hello of
+# each (ON CONFLICT may not touch a row twice).
+UPSERT_PRESENCE = """
+INSERT INTO device_presence (user_id, device_id, instance_id, connection_id, agent_ids,
+                             connected_at)
+SELECT u, d, $1, c, string_to_array(a, chr(31)), t
+  FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[])
+       AS p(u, d, c, a, t)
+ON CONFLICT (user_id, device_id) DO UPDATE
+   SET instance_id = EXCLUDED.instance_id, connection_id = EXCLUDED.connection_id,
+       agent_ids = EXCLUDED.agent_ids, connected_at = EXCLUDED.connected_at
 """
 
 PRESENCE_ROW_EXISTS = "SELECT 1 FROM device_presence WHERE connection_id = $1"
@@ -808,11 +829,17 @@ class ClusterStore:
             await conn.execute(DELETE_INSTANCE_PRESENCE, instance_id)
             await conn.execute(DELETE_INSTANCE, instance_id)
 
-    async def device_up(self, *, user_id: str, device_id: str, instance_id: str,
-                        connection_id: str, agent_ids: Sequence[str],
-                        connected_at: dt.datetime) -> None:
-        await self.pool.execute(UPSERT_PRESENCE, user_id, device_id, instance_id,
-                                connection_id, list(agent_ids), connected_at)
+    async def devices_up(
+        self, instance_id: str, rows: Sequence[tuple[str, str, str, Sequence[str], dt.datetime]],
+    ) -> None:
+        """Presence rows (user, device, connection, agents, connected at) of ours."""
+        last = {(row[0], row[1]): row for row in rows}
+        if not last:
+            return
+        users, device_ids, conns, agents, times = zip(*last.values(), strict=True)
+        await self.pool.execute(
+            UPSERT_PRESENCE, instance_id, list(users), list(device_ids), list(conns),
+            [AGENT_SEPARATOR.join(a) for a in agents], list(times))
 
     async def device_down(self, connection_id: str) -> None:
         await self.pool.execute(DELETE_PRESENCE, connection_id)
@@ -825,15 +852,25 @@ class ClusterStore:
         rows = await self.pool.fetch(PRESENCE_ELSEWHERE, user_id, ttl_s, instance_id)
         return [PresenceRow.of(row) for row in rows]
 
-    async def at_hello(self, user_id: str, device_id: str, *, instance_id: str,
-                       ttl_s: float) -> HelloPresence:
-        rows = await self.pool.fetch(HELLO_PRESENCE, user_id, ttl_s)
-        others = sum(1 for row in rows if row["device_id"] != device_id)
-        holder = next((row for row in rows if row["device_id"] == device_id
-                       and row["instance_id"] != instance_id), None)
-        return HelloPresence(others, None if holder is None else PresenceRow(
-            user_id, device_id, holder["instance_id"], holder["connection_id"], (),
-            dt.datetime.now(dt.UTC), holder["advertise_url"]))
+    async def at_hellos(self, hellos: Sequence[tuple[str, str]], *, instance_id: str,
+                        ttl_s: float) -> list[HelloPresence]:
+        """For each (user, device) hello: the user's other devices on live
+        processes, and which other live process holds this device now."""
+        if not hellos:
+            return []
+        rows_of: dict[str, list[asyncpg.Record]] = {user: [] for user, _ in hellos}
+        for row in await self.pool.fetch(HELLO_PRESENCE, list(rows_of), ttl_s):
+            rows_of[row["user_id"]].append(row)
+        out = []
+        for user_id, device_id in hellos:
+            rows = rows_of[user_id]
+            others = sum(1 for row in rows if row["device_id"] != device_id)
+            holder = next((row for row in rows if row["device_id"] == device_id
+                           and row["instance_id"] != instance_id), None)
+            out.append(HelloPresence(others, None if holder is None else PresenceRow(
+                user_id, device_id, holder["instance_id"], holder["connection_id"], (),
+                dt.datetime.now(dt.UTC), holder["advertise_url"])))
+        return out
 
     async def reap(
         self, *, instance_id: str, ttl_s: float, reason: str, detach: bool,

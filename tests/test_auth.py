@@ -120,6 +120,24 @@ def test_token_signed_with_another_secret_is_refused() -> None:
     assert "signature" in reason
 
 
+@pytest.mark.parametrize("secret", [
+    '{"kty": "oct", "k": "c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0LXNlY3JldA"}',
+    "-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE\n-----END PUBLIC KEY-----",
+])
+def test_a_secret_pyjwt_would_refuse_on_every_token_stops_the_start(secret: str) -> None:
+    """The secret is checked once, at start-up: one clear line, not a refused fleet."""
+    with pytest.raises(ConfigError, match="GATEWAY_JWT_SECRET"):
+        authenticator(secret=secret)
+
+
+def test_every_allowed_hmac_algorithm_verifies_with_the_once_checked_secret() -> None:
+    auth = authenticator(jwt_algorithms=("HS256", "HS384", "HS512"))
+    for alg in ("HS256", "HS384", "HS512"):
+        token = jwt.encode(claims(sub=f"user-{alg}"), SECRET, algorithm=alg)
+        assert auth.verify(token).user_id == f"user-{alg}"
+        assert "signature" in refusal(auth, jwt.encode(claims(), SECRET + "x", algorithm=alg))
+
+
 @pytest.mark.parametrize("token", ["", "not-a-jwt", "a.b.c", "....", "eyJhbGciOiJIUzI1NiJ9"])
 def test_malformed_tokens_are_refused(token: str) -> None:
     assert refusal(authenticator(), token)

@@ -230,3 +230,21 @@ async def test_a_storm_of_reconnects_resumes_each_devices_own_runs(gateway: Harn
                 break
             await asyncio.sleep(0.02)
         assert row is not None and (row["status"], row["event_count"]) == ("completed", 2), row
+
+
+async def test_a_storm_of_hellos_shares_its_presence_statements(gateway: Harness) -> None:
+    """40 hellos at once (PROTOCOL.md §5): the limit look and the presence write are
+    a few statements, and every device's row holds its own connection."""
+    presence = gateway.svc.presence
+    looks, ups = presence._looks.batches, presence._ups.batches
+    devices = await asyncio.gather(*(_hello(gateway, f"p{i // 2}", f"p{i}-d")
+                                     for i in range(40)))
+    assert presence._looks.batches - looks < 20, presence._looks.batches - looks
+    assert presence._ups.batches - ups < 20, presence._ups.batches - ups
+    rows = await gateway.svc.pool.fetch(
+        "SELECT user_id, device_id, connection_id FROM device_presence")
+    assert sorted((r["user_id"], r["device_id"], r["connection_id"]) for r in rows) == sorted(
+        (d.user_id, d.device_id, d.hello_ack["connection_id"]) for d in devices
+        if d.hello_ack is not None)
+    assert all(d.hello_ack is not None for d in devices)
+

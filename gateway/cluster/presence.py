@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 import asyncpg
@@ -25,6 +25,7 @@ from aiohttp import web
 
 from gateway.cluster.notify import device_message
 from gateway.metrics import Metrics
+from gateway.runs.coalesce import Coalescer
 from gateway.store import ClusterStore, HelloPresence, PresenceRow
 from gateway.wire import codes
 
@@ -72,6 +73,17 @@ class Presence:
     beats: int = 0
     _written: dict[str, Held] = attrs.Factory(dict)  # connection id → its row is written
     _located: dict[tuple[str, str | None], tuple[float, PresenceRow]] = attrs.Factory(dict)
+    # A reconnect storm's hellos share their presence statements (see runs/coalesce.py).
+    _looks: Coalescer[tuple[str, str], HelloPresence] = attrs.field(init=False)
+    _ups: Coalescer[Held, None] = attrs.field(init=False)
+
+    @_looks.default
+    def _looks_coalescer(self) -> Coalescer[tuple[str, str], HelloPresence]:
+        return Coalescer(self._look_batch)
+
+    @_ups.default
+    def _ups_coalescer(self) -> Coalescer[Held, None]:
+        return Coalescer(self._up_batch)
 
     @property
     def heartbeat_s(self) -> float:
@@ -99,11 +111,14 @@ class Presence:
     # ------------------------------------------------------------ devices
 
     async def device_up(self, conn: Held) -> None:
-        await self.store.device_up(
-            user_id=conn.user_id, device_id=conn.device_id, instance_id=self.instance_id,
-            connection_id=conn.connection_id, agent_ids=conn.agent_ids,
-            connected_at=conn.connected_at)
+        await self._ups.submit(conn)
         self._written[conn.connection_id] = conn
+
+    async def _up_batch(self, conns: Sequence[Held]) -> list[None]:
+        await self.store.devices_up(self.instance_id, [
+            (c.user_id, c.device_id, c.connection_id, c.agent_ids, c.connected_at)
+            for c in conns])
+        return [None] * len(conns)
 
     async def device_down(self, conn: Held) -> None:
         self._written.pop(conn.connection_id, None)
@@ -116,14 +131,17 @@ class Presence:
 
     async def at_hello(self, user_id: str, device_id: str) -> HelloPresence:
         try:
-            return await self.store.at_hello(user_id, device_id, instance_id=self.instance_id,
-                                             ttl_s=self.ttl_s)
+            return await self._looks.submit((user_id, device_id))
         except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
             # The database is down: the hello's own run work fails next anyway;
             # the limit is then this process's count alone.
             self.metrics.db_errors.labels("presence").inc()
             log.error("presence_lookup_failed", error=repr(exc))
             return HelloPresence(0, None)
+
+    async def _look_batch(self, hellos: Sequence[tuple[str, str]]) -> list[HelloPresence]:
+        return await self.store.at_hellos(hellos, instance_id=self.instance_id,
+                                          ttl_s=self.ttl_s)
 
     async def take_over(self, holder: PresenceRow, connection_id: str) -> bool:
         """Ask the process holding the device to let it go; wait (bounded) until it has.
