@@ -79,10 +79,14 @@ class Context:
             "generator": lambda: [*self.worker_pids(), os.getpid()],
         })
 
-    def profiler(self) -> Profiler | None:
+    def profiler(self, part: str = "") -> Profiler | None:
+        """py-spy on the server; ``part`` names a second window of one run ("hold")."""
         if self.profile_path is None or not Profiler.available():
             return None
-        return Profiler(self.server.pid, self.profile_path)
+        path = self.profile_path
+        if part:
+            path = path.with_name(f"{path.stem}-{part}{path.suffix}")
+        return Profiler(self.server.pid, path)
 
     async def reap(self) -> None:
         """Join every worker (bounded), ending the ones that do not leave in time."""
@@ -217,14 +221,18 @@ async def idle(ctx: Context, n: int, *, hold_s: float = 5.0, concurrency: int = 
             "user_id": f"{tag}-probe-u", "device_id": f"{tag}-probe-d",
             "max_s": hold_s + 300})
         await expect(probe_device, "ready", 60)
-    hold = ctx.window()
+    hold, hold_profiler = ctx.window(), ctx.profiler("hold")
     hold.start()
+    if hold_profiler:
+        hold_profiler.start()
     if probe_calls:
         await _probe(server, f"{tag}-probe-u", f"{tag}-probe-d", probe_calls, hold_s,
                      probe_latencies, probe_errors)
     else:
         await asyncio.sleep(hold_s)
     held = hold.stop()
+    if hold_profiler:
+        hold_profiler.stop()
     rss_loaded = rss_bytes(server.pid)
     if probe_device is not None:
         probe_device.send(("stop",))

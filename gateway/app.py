@@ -319,7 +319,7 @@ def build_public_app(gw: Gateway) -> web.Application:
     """Devices and operations; the internal API is never served here."""
     app = web.Application()
     _provide(app, gw)
-    app.router.add_get(DEVICE_WS_PATH, json_errors(device_ws))
+    app.router.add_get(DEVICE_WS_PATH, device_ws)  # its own JSON errors (its docstring)
     ops.add_routes(app, wrap=json_errors)
     app.router.add_route("*", "/{path:.*}", json_errors(route_miss))  # last: what is left
     return app

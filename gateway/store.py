@@ -681,8 +681,8 @@ SELECT u, d, $1, c, string_to_array(a, chr(31)), t
 ON CONFLICT (user_id, device_id) DO NOTHING
 """
 
-# A connection's cleanup: exactly its own row, never its successor's.
-DELETE_PRESENCE = "DELETE FROM device_presence WHERE connection_id = $1"
+# Connections' cleanups (batched): exactly their own rows, never a successor's.
+DELETE_PRESENCE = "DELETE FROM device_presence WHERE connection_id = ANY($1::text[])"
 
 _LIVE = """
 JOIN gateway_instances AS i ON i.instance_id = p.instance_id
@@ -841,8 +841,8 @@ class ClusterStore:
             UPSERT_PRESENCE, instance_id, list(users), list(device_ids), list(conns),
             [AGENT_SEPARATOR.join(a) for a in agents], list(times))
 
-    async def device_down(self, connection_id: str) -> None:
-        await self.pool.execute(DELETE_PRESENCE, connection_id)
+    async def devices_down(self, connection_ids: Sequence[str]) -> None:
+        await self.pool.execute(DELETE_PRESENCE, list(connection_ids))
 
     async def presence_exists(self, connection_id: str) -> bool:
         return await self.pool.fetchval(PRESENCE_ROW_EXISTS, connection_id) is not None

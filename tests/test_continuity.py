@@ -8,6 +8,7 @@ what does not come back expires. With event_acks, every event is stored once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -364,3 +365,41 @@ async def test_bad_capabilities_refuse_the_hello(gateway: Harness, capabilities:
     async with asyncio.timeout(5):
         msg = await ws.receive()
     assert (msg.type, msg.data) == (aiohttp.WSMsgType.CLOSE, 1008), msg
+
+
+# ---------------------------------------------------------------- the per-device turn
+
+
+async def test_a_devices_turn_is_taken_one_at_a_time_and_dropped_when_free(
+    gateway: Harness,
+) -> None:
+    """Holders of one device's turn run one after another, another device's turn is
+    independent, and nothing is left behind, a waiter cancelled in line included."""
+    continuity = gateway.svc.runs.continuity
+    order: list[str] = []
+    first_in = asyncio.Event()
+    release = asyncio.Event()
+
+    async def hold(name: str, device: str) -> None:
+        async with continuity.turn("turn-user", device):
+            order.append(f"{name} in")
+            first_in.set()
+            await release.wait()
+            order.append(f"{name} out")
+
+    first = asyncio.ensure_future(hold("a", "d1"))
+    await first_in.wait()
+    second = asyncio.ensure_future(hold("b", "d1"))
+    cancelled = asyncio.ensure_future(hold("c", "d1"))
+    other = asyncio.ensure_future(hold("x", "d2"))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert order == ["a in", "x in"]  # d2 does not wait for d1
+    cancelled.cancel()
+    release.set()
+    await asyncio.gather(first, second, other)
+    with contextlib.suppress(asyncio.CancelledError):
+        await cancelled
+    assert order.index("a out") < order.index("b in")
+    assert "c in" not in order
+    assert continuity._turns == {}

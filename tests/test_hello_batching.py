@@ -234,7 +234,8 @@ async def test_a_storm_of_reconnects_resumes_each_devices_own_runs(gateway: Harn
 
 async def test_a_storm_of_hellos_shares_its_presence_statements(gateway: Harness) -> None:
     """40 hellos at once (PROTOCOL.md §5): the limit look and the presence write are
-    a few statements, and every device's row holds its own connection."""
+    a few statements, and every device's row holds its own connection; then the
+    same for their cleanups."""
     presence = gateway.svc.presence
     looks, ups = presence._looks.batches, presence._ups.batches
     devices = await asyncio.gather(*(_hello(gateway, f"p{i // 2}", f"p{i}-d")
@@ -247,4 +248,14 @@ async def test_a_storm_of_hellos_shares_its_presence_statements(gateway: Harness
         (d.user_id, d.device_id, d.hello_ack["connection_id"]) for d in devices
         if d.hello_ack is not None)
     assert all(d.hello_ack is not None for d in devices)
+
+    # And a mass disconnect: every row goes, in few statements.
+    downs = presence._downs.batches
+    await asyncio.gather(*(d.close() for d in devices))
+    for _ in range(250):
+        if not await gateway.svc.pool.fetchval("SELECT count(*) FROM device_presence"):
+            break
+        await asyncio.sleep(0.02)
+    assert await gateway.svc.pool.fetchval("SELECT count(*) FROM device_presence") == 0
+    assert presence._downs.batches - downs < 20, presence._downs.batches - downs
 

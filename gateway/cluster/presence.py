@@ -76,6 +76,7 @@ class Presence:
     # A reconnect storm's hellos share their presence statements (see runs/coalesce.py).
     _looks: Coalescer[tuple[str, str], HelloPresence] = attrs.field(init=False)
     _ups: Coalescer[Held, None] = attrs.field(init=False)
+    _downs: Coalescer[str, None] = attrs.field(init=False)  # a mass disconnect's cleanups
 
     @_looks.default
     def _looks_coalescer(self) -> Coalescer[tuple[str, str], HelloPresence]:
@@ -84,6 +85,10 @@ class Presence:
     @_ups.default
     def _ups_coalescer(self) -> Coalescer[Held, None]:
         return Coalescer(self._up_batch)
+
+    @_downs.default
+    def _downs_coalescer(self) -> Coalescer[str, None]:
+        return Coalescer(self._down_batch)
 
     @property
     def heartbeat_s(self) -> float:
@@ -123,11 +128,15 @@ class Presence:
     async def device_down(self, conn: Held) -> None:
         self._written.pop(conn.connection_id, None)
         try:
-            await self.store.device_down(conn.connection_id)
+            await self._downs.submit(conn.connection_id)
         except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
             # The row stays until we stop or are reaped; a later hello overwrites it.
             self.metrics.db_errors.labels("presence").inc()
             log.error("presence_delete_failed", error=repr(exc))
+
+    async def _down_batch(self, connection_ids: Sequence[str]) -> list[None]:
+        await self.store.devices_down(connection_ids)
+        return [None] * len(connection_ids)
 
     async def at_hello(self, user_id: str, device_id: str) -> HelloPresence:
         try:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import time
+from collections.abc import Awaitable
+from typing import Literal
 
+import attrs
 import structlog
 from aiohttp import WSMsgType, web
 
@@ -22,6 +24,7 @@ from gateway.metrics import METRICS, Metrics
 from gateway.proxies import client_address
 from gateway.runs.lifecycle import RUNS, Gone
 from gateway.shutdown import SHUTDOWN
+from gateway.store import PresenceRow
 from gateway.wire import codes, frames, messages
 from gateway.wire.codes import CloseCode
 from gateway.wire.frames import FrameError, Hello
@@ -69,6 +72,17 @@ def aiohttp_heartbeat(heartbeat_s: float) -> float:
     raise AssertionError("unreachable: two roundings at most")
 
 
+def _handshake_failed(request: web.Request, exc: Exception) -> web.Response:
+    """What ``json_errors`` answers on the other public routes, for the upgrade."""
+    if request.writer is not None and request.writer.output_size > 0:
+        raise exc  # the 101 is out: nothing else can be answered
+    metrics = request.app[METRICS]
+    if isinstance(exc, web.HTTPException) and exc.status >= 400:
+        return _refuse_handshake(metrics, exc.status, codes.BAD_REQUEST, exc.reason)
+    log.error("device_handshake_failed", error=repr(exc), exc_info=exc)
+    return _refuse_handshake(metrics, 500, codes.INTERNAL, "internal error")
+
+
 def _refuse_handshake(metrics: Metrics, status: int, error: str, detail: str) -> web.Response:
     metrics.handshakes_refused.labels(error).inc()
     return web.json_response({"error": error, "detail": detail}, status=status)
@@ -79,7 +93,43 @@ def _close_reason(text: str) -> bytes:
 
 
 async def device_ws(request: web.Request) -> web.StreamResponse:
-    """GET /api/v1/ws/device — PROTOCOL.md §1."""
+    """GET /api/v1/ws/device — PROTOCOL.md §1.
+
+    Not wrapped in ``json_errors`` like the other public routes: this frame is
+    held for the connection's whole life, and a wrapper's frame would be too
+    (memory per idle device). Errors before the upgrade still leave as JSON.
+    """
+    try:
+        admitted = _admit(request)
+    except Exception as exc:
+        return _handshake_failed(request, exc)
+    if isinstance(admitted, web.Response):
+        return admitted
+    ws, user_id, expires_at, remote = admitted
+    del admitted  # this frame lives as long as the connection: hold no more than it needs
+    app = request.app
+    sockets = app[DEVICE_SOCKETS]
+    sockets.opened(ws, request, user_id)
+    try:
+        try:
+            await ws.prepare(request)
+        except Exception as exc:
+            return _handshake_failed(request, exc)
+        app[METRICS].connections_opened.inc()
+        # This handler is its connection's own task, so the binding ends with it
+        # (and a plain bind holds less per connection than nested contexts).
+        structlog.contextvars.bind_contextvars(user_id=user_id, remote=remote)
+        await _serve_device(app, ws, user_id, expires_at, request.transport)
+    finally:
+        sockets.closed(ws)
+    return ws
+
+
+def _admit(
+    request: web.Request,
+) -> tuple[web.WebSocketResponse, str, float | None, str | None] | web.Response:
+    """The handshake's checks (§1.1): the socket to prepare with the token's user and
+    expiry and the device's address, or the refusal to answer."""
     app = request.app
     settings = app[SETTINGS]
     metrics = app[METRICS]
@@ -117,25 +167,7 @@ async def device_ws(request: web.Request) -> web.StreamResponse:
     if not ws.can_prepare(request).ok:
         return _refuse_handshake(metrics, 400, codes.BAD_REQUEST,
                                  "a WebSocket upgrade is required")
-    sockets.opened(ws, request, claims.user_id)
-    try:
-        await ws.prepare(request)
-        metrics.connections_opened.inc()
-        # This handler is its connection's own task, so the binding ends with it
-        # (and a plain bind holds less per connection than nested contexts).
-        structlog.contextvars.bind_contextvars(user_id=claims.user_id, remote=remote)
-        with sockets.awaiting_hello(ws):
-            hello = await _receive_hello(ws, settings.hello_timeout_s)
-        sockets.hello_done(ws)
-        if hello is None:
-            metrics.connections_closed.labels(close_label(ws.close_code)).inc()
-            return ws
-        structlog.contextvars.bind_contextvars(device_id=hello.device_id)
-        await _serve_device(app, ws, claims.user_id, claims.expires_at, hello,
-                            request.transport)
-    finally:
-        sockets.closed(ws)
-    return ws
+    return ws, claims.user_id, claims.expires_at, remote
 
 
 async def _receive_hello(ws: web.WebSocketResponse, timeout_s: float) -> Hello | None:
@@ -166,81 +198,67 @@ async def _close(ws: web.WebSocketResponse, code: int, reason: str) -> None:
         await ws.close(code=code, message=_close_reason(reason))
 
 
-async def _serve_device(
-    app: web.Application, ws: web.WebSocketResponse, user_id: str, expires_at: float | None,
-    hello: Hello, transport: asyncio.Transport | None,
-) -> None:
-    settings = app[SETTINGS]
-    registry = app[REGISTRY]
-    metrics = app[METRICS]
-    runs = app[RUNS]
-    presence = app[PRESENCE]
-    # The limit counts the user's devices on every live process (PROTOCOL.md §5);
-    # the same look says whether another process holds this device now.
-    at_hello = None
-    if registry.other_device_count(user_id, hello.device_id) < settings.max_devices_per_user:
-        at_hello = await presence.at_hello(user_id, hello.device_id)
-    if at_hello is None or at_hello.other_devices >= settings.max_devices_per_user:
-        log.info("device_refused_too_many", limit=settings.max_devices_per_user)
-        await _close(ws, CloseCode.TOO_MANY_DEVICES, "too_many_devices")
-        metrics.connections_closed.labels(close_label(CloseCode.TOO_MANY_DEVICES)).inc()
-        return
+@attrs.define(eq=False)
+class _Socket:
+    """A connection's way to its WebSocket: what ``Connection`` calls to send and close."""
 
-    # aiohttp's own coroutine, no wrapper of ours per frame; counted by on_sent.
-    send = functools.partial(ws.send_frame, opcode=WSMsgType.TEXT)
+    ws: web.WebSocketResponse
+    transport: asyncio.Transport | None
 
-    async def close(code: int, reason: str) -> None:
-        closing = asyncio.ensure_future(ws.close(code=code, message=_close_reason(reason)))
+    def send(self, frame: bytes) -> Awaitable[None]:
+        # aiohttp's own coroutine, no wrapper of ours per frame; the connection
+        # counts what was written (count_sent).
+        return self.ws.send_frame(frame, WSMsgType.TEXT)
+
+    async def close(self, code: int, reason: str) -> None:
+        closing = asyncio.ensure_future(self.ws.close(code=code, message=_close_reason(reason)))
         # Waited for, never cancelled: a close stuck in aiohttp's drain shares one
         # future with every send stuck there, and cancelling it cancels them all.
         await asyncio.wait([closing], timeout=CLOSE_TIMEOUT_S)
-        if not closing.done() and transport is not None:
+        if not closing.done() and self.transport is not None:
             # Not even the close frame could be written: the peer stopped reading and
             # its TCP window is full. Drop it, or this handler (its cleanup, the drain)
             # would wait for as long as the kernel keeps probing the window.
-            transport.abort()
+            self.transport.abort()
         await closing
 
+
+async def _serve_device(
+    app: web.Application, ws: web.WebSocketResponse, user_id: str, expires_at: float | None,
+    transport: asyncio.Transport | None,
+) -> None:
+    """Hello, then the connection's life; this frame is held for all of it, so what
+    only the hello needs lives in ``_within_limit`` and ``_welcome``."""
+    settings = app[SETTINGS]
+    metrics = app[METRICS]
+    sockets = app[DEVICE_SOCKETS]
+    with sockets.awaiting_hello(ws):
+        hello = await _receive_hello(ws, settings.hello_timeout_s)
+    sockets.hello_done(ws)
+    if hello is None:
+        metrics.connections_closed.labels(close_label(ws.close_code)).inc()
+        return
+    structlog.contextvars.bind_contextvars(device_id=hello.device_id)
+    holder = await _within_limit(app, ws, user_id, hello.device_id)
+    if holder is False:
+        return
+    socket = _Socket(ws, transport)
     conn = Connection(
         user_id=user_id, device_id=hello.device_id, agent_ids=hello.agent_ids,
-        send_fn=send, close_fn=close, count_sent=metrics.frame_out,
+        send_fn=socket.send, close_fn=socket.close, count_sent=metrics.frame_out,
         max_inflight_calls=settings.max_inflight_calls_per_device,
         max_queued_bytes=max(MIN_QUEUED_BYTES, 4 * settings.max_frame_bytes),
         event_acks=hello.event_acks,
     )
+    del hello  # not kept for the connection's life (memory per idle device)
     ctx = DeviceContext(
-        conn=conn, runs=runs, authenticator=app[AUTHENTICATOR], metrics=metrics,
+        conn=conn, runs=app[RUNS], authenticator=app[AUTHENTICATOR], metrics=metrics,
         heartbeat_s=settings.heartbeat_s, bad_frames_per_minute=settings.bad_frames_per_minute,
     )
     started = time.monotonic()
     try:
-        # The device's turn, from registration to the ack: an earlier connection's
-        # cleanup cannot detach runs this hello is taking over, nor a second hello
-        # resume them twice (gateway/runs/continuity.py).
-        async with runs.continuity.turn(user_id, hello.device_id):
-            previous = registry.register(conn)
-            metrics.devices_connected.set(len(registry))
-            if previous is not None:
-                log.info("device_replaced", old_connection_id=previous.connection_id)
-                previous.request_close(CloseCode.REPLACED, "replaced")
-            conn.arm_expiry(expires_at)
-            log.info("device_connected", connection_id=conn.connection_id,
-                     agent_ids=list(conn.agent_ids), replaced=previous is not None,
-                     event_acks=conn.event_acks)
-            if at_hello.holder is not None:
-                # Another process holds the device: it closes it with 4000 and
-                # detaches its runs, which the resume below then takes over.
-                log.info("device_replaced_elsewhere", holder=at_hello.holder.instance_id,
-                         old_connection_id=at_hello.holder.connection_id)
-                await presence.take_over(at_hello.holder, conn.connection_id)
-            attached = runs.continuity.hand_over(conn) + await runs.continuity.resume(conn)
-            claimed = await runs.claim_for(conn, hello.agent_ids)
-            await presence.device_up(conn)
-            conn.acknowledge(messages.hello_ack(
-                connection_id=conn.connection_id, heartbeat_s=settings.heartbeat_s,
-                runs=[messages.AttachedRun(str(a.run_id), a.agent_id, a.last_seq)
-                      for a in attached]))
-        runs.send_claimed(conn, claimed)
+        await _welcome(app, conn, expires_at, holder)
+        del holder
         await _receive_loop(ctx, ws, settings.max_frame_bytes)
     except ConnectionGone:
         pass
@@ -258,6 +276,63 @@ async def _serve_device(
         except asyncio.CancelledError:
             await cleanup
             raise
+
+
+async def _within_limit(app: web.Application, ws: web.WebSocketResponse, user_id: str,
+                        device_id: str) -> PresenceRow | Literal[False] | None:
+    """The per-user device limit, counted on every live process (PROTOCOL.md §5).
+
+    False: refused (closed 4005). Otherwise the other live process that holds
+    this device now, if one does (the same look says both).
+    """
+    settings = app[SETTINGS]
+    at_hello = None
+    if app[REGISTRY].other_device_count(user_id, device_id) < settings.max_devices_per_user:
+        at_hello = await app[PRESENCE].at_hello(user_id, device_id)
+    if at_hello is None or at_hello.other_devices >= settings.max_devices_per_user:
+        log.info("device_refused_too_many", limit=settings.max_devices_per_user)
+        await _close(ws, CloseCode.TOO_MANY_DEVICES, "too_many_devices")
+        app[METRICS].connections_closed.labels(close_label(CloseCode.TOO_MANY_DEVICES)).inc()
+        return False
+    return at_hello.holder
+
+
+async def _welcome(app: web.Application, conn: Connection, expires_at: float | None,
+                   holder: PresenceRow | None) -> None:
+    """Registered, its runs taken over, resumed and claimed, then ``hello_ack`` and
+    the claimed runs' ``agent_run``."""
+    settings = app[SETTINGS]
+    registry = app[REGISTRY]
+    metrics = app[METRICS]
+    runs = app[RUNS]
+    presence = app[PRESENCE]
+    # The device's turn, from registration to the ack: an earlier connection's
+    # cleanup cannot detach runs this hello is taking over, nor a second hello
+    # resume them twice (gateway/runs/continuity.py).
+    async with runs.continuity.turn(conn.user_id, conn.device_id):
+        previous = registry.register(conn)
+        metrics.devices_connected.set(len(registry))
+        if previous is not None:
+            log.info("device_replaced", old_connection_id=previous.connection_id)
+            previous.request_close(CloseCode.REPLACED, "replaced")
+        conn.arm_expiry(expires_at)
+        log.info("device_connected", connection_id=conn.connection_id,
+                 agent_ids=list(conn.agent_ids), replaced=previous is not None,
+                 event_acks=conn.event_acks)
+        if holder is not None:
+            # Another process holds the device: it closes it with 4000 and
+            # detaches its runs, which the resume below then takes over.
+            log.info("device_replaced_elsewhere", holder=holder.instance_id,
+                     old_connection_id=holder.connection_id)
+            await presence.take_over(holder, conn.connection_id)
+        attached = runs.continuity.hand_over(conn) + await runs.continuity.resume(conn)
+        claimed = await runs.claim_for(conn, conn.agent_ids)
+        await presence.device_up(conn)
+        conn.acknowledge(messages.hello_ack(
+            connection_id=conn.connection_id, heartbeat_s=settings.heartbeat_s,
+            runs=[messages.AttachedRun(str(a.run_id), a.agent_id, a.last_seq)
+                  for a in attached]))
+    runs.send_claimed(conn, claimed)
 
 
 async def _receive_loop(ctx: DeviceContext, ws: web.WebSocketResponse,

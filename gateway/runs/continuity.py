@@ -18,10 +18,9 @@ of the UPDATEs order resume, expiry and cancel: whichever commits first wins.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 
 import attrs
 import structlog
@@ -41,8 +40,31 @@ EXPIRY_POLL_S = 0.5
 
 @attrs.define(eq=False)
 class _Turn:
+    """One device's turn: ``async with`` holds it. A class, not an
+    ``asynccontextmanager``: every hello and every cleanup takes one, and an
+    async generator each was a measurable share of a reconnect storm."""
+
+    turns: dict[tuple[str, str], _Turn]
+    key: tuple[str, str]
     lock: asyncio.Lock = attrs.Factory(asyncio.Lock)
     users: int = 0  # holders and waiters; the turn is dropped at 0
+
+    async def __aenter__(self) -> None:
+        self.users += 1
+        try:
+            await self.lock.acquire()
+        except BaseException:
+            self._leave()
+            raise
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.lock.release()
+        self._leave()
+
+    def _leave(self) -> None:
+        self.users -= 1
+        if self.users == 0:
+            del self.turns[self.key]
 
 
 @attrs.define(eq=False)
@@ -64,21 +86,13 @@ class Continuity:
     def enabled(self) -> bool:
         return self.resume_s > 0
 
-    @contextlib.asynccontextmanager
-    async def turn(self, user_id: str, device_id: str) -> AsyncIterator[None]:
+    def turn(self, user_id: str, device_id: str) -> _Turn:
         """One connection of a device at a time: hello (to its ack) or cleanup."""
         key = (user_id, device_id)
         turn = self._turns.get(key)
         if turn is None:
-            turn = self._turns[key] = _Turn()
-        turn.users += 1
-        try:
-            async with turn.lock:
-                yield
-        finally:
-            turn.users -= 1
-            if turn.users == 0:
-                del self._turns[key]
+            turn = self._turns[key] = _Turn(self._turns, key)
+        return turn
 
     # ------------------------------------------------------------ a connection ended
 
