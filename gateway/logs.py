@@ -10,13 +10,14 @@ in stdlib libraries' lines).
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import datetime as dt
 import logging
 import re
 import sys
 from collections.abc import MutableMapping
-from typing import Any
+from typing import Any, BinaryIO
 
 import orjson
 import structlog
@@ -59,6 +60,11 @@ def _orjson_dumps(value: Any, default: Any = None) -> str:
 
 
 _CONTEXT_PREFIX = "structlog_"
+_CONTEXT_PREFIX_LEN = len(_CONTEXT_PREFIX)
+_now = dt.datetime.now
+_UTC = dt.UTC
+# The line ends in its newline: JsonLines writes it as it is, no copy to add one.
+_LINE_OPTIONS = orjson.OPT_UTC_Z | orjson.OPT_APPEND_NEWLINE
 
 
 def render_json_line(
@@ -74,23 +80,112 @@ def render_json_line(
     RFC 3339 with "Z"; values JSON cannot hold are written with ``str()``
     (a path as its path, not its repr), as in stdlib libraries' lines. The
     level is the method's name: the filtering bound logger already maps warn,
-    exception and msg to warning, error and info.
+    exception and msg to warning, error and info. The line ends in its
+    newline (for JsonLines, which writes it as it is).
     """
-    context = contextvars.copy_context()
-    for var in context:
+    for var, value in contextvars.copy_context().items():
         name = var.name
-        if name.startswith(_CONTEXT_PREFIX):
-            value = context[var]
-            if value is not Ellipsis:
-                event_dict.setdefault(name[len(_CONTEXT_PREFIX):], value)
+        if name.startswith(_CONTEXT_PREFIX) and value is not Ellipsis:
+            event_dict.setdefault(name[_CONTEXT_PREFIX_LEN:], value)
     event_dict["level"] = method
-    event_dict["timestamp"] = dt.datetime.now(dt.UTC)
+    event_dict["timestamp"] = _now(_UTC)
     for key in event_dict:
         if key.lower() in SECRET_KEYS:
             event_dict[key] = REDACTED
     if "exc_info" in event_dict:
         event_dict = structlog.processors.format_exc_info(_logger, method, event_dict)
-    return orjson.dumps(event_dict, default=str, option=orjson.OPT_UTC_Z)
+    return orjson.dumps(event_dict, default=str, option=_LINE_OPTIONS)
+
+
+class JsonLines:
+    """Where the JSON lines go (each ending in its newline): a binary stream,
+    flushed once per event-loop iteration.
+
+    structlog's BytesLogger flushes after every line: a write(2) per tool call
+    on the busiest path, to journald's socket in production. Here info and
+    debug lines logged while an event loop runs stay in the stream's buffer
+    until a callback at that loop's next iteration (or until the buffer
+    fills), so the lines of one iteration leave in one write, in order.
+    Warnings and worse, and lines logged outside a loop (start-up, other
+    threads), are flushed at once, with whatever waited before them: a
+    process that ends with ``os._exit`` after a warning loses nothing, and
+    one killed outright loses at most its last iteration's info lines.
+    """
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+        self._write = stream.write
+        # The loop a flush is scheduled on (a flush pending on a loop that has
+        # stopped does not keep the next loop's lines waiting).
+        self._flush_on: asyncio.AbstractEventLoop | None = None
+
+    def msg(self, message: bytes) -> None:
+        self._write(message)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._stream.flush()
+            return
+        if self._flush_on is not loop:
+            self._flush_on = loop
+            loop.call_soon(self._flush)
+
+    def now(self, message: bytes) -> None:
+        self._write(message)
+        self._stream.flush()
+
+    def _flush(self) -> None:
+        self._flush_on = None
+        self._stream.flush()
+
+    log = debug = info = msg
+    warn = warning = error = err = exception = critical = fatal = failure = now
+
+
+_RENDERED = (bytes, str, bytearray)
+_LEVELS = ((logging.DEBUG, "debug"), (logging.INFO, "info"), (logging.WARNING, "warning"),
+           (logging.ERROR, "error"), (logging.CRITICAL, "critical"))
+
+
+def lean_bound_logger(min_level: int) -> type[Any]:
+    """structlog's filtering bound logger, with its enabled levels one call shallower.
+
+    structlog's method hands the keywords to ``_proxy_to_logger``, which hands
+    them to ``_process_event``, which copies the context and updates it with
+    them: three calls and two dict rebuilds per line, ~1 µs of the tool call's
+    ~4 µs line. These methods do the same in one step: context first, keywords
+    over it, ``event`` last, the processors, DropEvent honoured, and the result
+    to the wrapped logger's method of the same name. A line with positional
+    ``%`` arguments takes structlog's own path.
+    """
+    base: type[Any] = structlog.make_filtering_bound_logger(min_level)
+
+    def lean(name: str) -> Any:
+        standard = getattr(base, name)
+
+        def meth(self: Any, event: str, *args: Any, **kw: Any) -> Any:
+            if args:
+                return standard(self, event, *args, **kw)
+            context = self._context
+            event_dict: Any = {**context, **kw} if context else kw
+            event_dict["event"] = event
+            logger = self._logger
+            try:
+                for processor in self._processors:
+                    event_dict = processor(logger, name, event_dict)
+            except structlog.DropEvent:
+                return None
+            if isinstance(event_dict, _RENDERED):
+                return getattr(logger, name)(event_dict)
+            if isinstance(event_dict, tuple):
+                return getattr(logger, name)(*event_dict[0], **event_dict[1])
+            return getattr(logger, name)(**event_dict)
+
+        meth.__name__ = name
+        return meth
+
+    methods = {name: lean(name) for level, name in _LEVELS if level >= min_level}
+    return type(f"Lean{base.__name__}", (base,), methods)
 
 
 def configure_logging(*, level: str = "info", fmt: str | None = None) -> None:
@@ -113,13 +208,14 @@ def configure_logging(*, level: str = "info", fmt: str | None = None) -> None:
     else:
         # Bytes straight to stdout's buffer: no str round trip per line.
         processors = [render_json_line]
-        logger_factory = structlog.BytesLoggerFactory(sys.stdout.buffer)
+        lines = JsonLines(sys.stdout.buffer)
+        logger_factory = lambda *_args: lines  # noqa: E731 - one writer for every logger
         stdlib_renderer = structlog.processors.JSONRenderer(serializer=_orjson_dumps,
                                                             default=str)
     numeric_level = logging.getLevelName(level.upper())
     structlog.configure(
         processors=processors,
-        wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
+        wrapper_class=lean_bound_logger(numeric_level),
         logger_factory=logger_factory,
         cache_logger_on_first_use=True,
     )

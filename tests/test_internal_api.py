@@ -409,3 +409,38 @@ async def test_healthz_answers_200_on_the_public_listener(gateway: Harness) -> N
         assert response.status == 200, await response.text()
         body = await response.json()
     assert body["status"] == "ok", body
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+async def test_a_body_arriving_in_pieces_is_read_whole(gateway: Harness, framing: str) -> None:
+    """A body that is all there when the handler starts is taken from aiohttp's buffer;
+    one still arriving (sent in pieces, or chunked) is waited for, and the call goes
+    through with every byte of it."""
+    device = await gateway.device("user-1", "d1")
+    body = orjson.dumps({**TOOL_CALL, "args": {"blob": "y" * 3000}})
+    port = gateway.internal.port
+    assert port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        length = ("Transfer-Encoding: chunked" if framing == "chunked"
+                  else f"Content-Length: {len(body)}")
+        writer.write((f"POST /internal/v1/tool-calls HTTP/1.1\r\nHost: x\r\n"
+                      f"Authorization: Bearer {SERVICE_TOKEN}\r\n"
+                      f"Content-Type: application/json\r\n{length}\r\n\r\n").encode())
+        pieces = (body[:1000], body[1000:2000], body[2000:])
+        for piece in pieces:
+            if framing == "chunked":
+                piece = b"%x\r\n%s\r\n" % (len(piece), piece)
+            writer.write(piece)
+            await writer.drain()
+            await asyncio.sleep(0.05)  # the handler has started and waits for the rest
+        if framing == "chunked":
+            writer.write(b"0\r\n\r\n")
+        call = await device.recv_type("tool_call")
+        assert call["args"]["blob"] == "y" * 3000
+        await device.send({"type": "tool_result", "id": call["id"], "result": "whole"})
+        async with asyncio.timeout(5):
+            head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head
+    finally:
+        writer.close()

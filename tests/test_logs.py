@@ -22,7 +22,7 @@ from gateway.logs import REDACTED, render_json_line
 
 def render(method: str, **event: Any) -> dict[str, Any]:
     line = render_json_line(None, method, dict(event))
-    assert isinstance(line, bytes) and b"\n" not in line
+    assert isinstance(line, bytes) and line.index(b"\n") == len(line) - 1  # one line, ended
     value = orjson.loads(line)
     assert isinstance(value, dict)
     return value
@@ -144,3 +144,94 @@ def test_values_json_cannot_hold_are_written_as_text() -> None:
     assert line["path"] == "/var/lib/gateway"
     assert line["run_id"] == str(run_id)
     assert isinstance(line["items"], str)
+
+
+def test_the_lean_bound_logger_writes_what_structlogs_own_does() -> None:
+    """The gateway's wrapper class (one call shallower per line): the same levels and
+    filtering, bound context under explicit keys, %-arguments, DropEvent, exc_info."""
+    from gateway.logs import lean_bound_logger
+
+    def lines_of(wrapper_class: Any) -> list[dict[str, Any]]:
+        out = Lines()
+
+        def drop_marked(_logger: Any, _method: str, event_dict: Any) -> Any:
+            if event_dict.get("drop"):
+                raise structlog.DropEvent
+            return event_dict
+
+        log = structlog.wrap_logger(out, processors=[drop_marked, render_json_line],
+                                    wrapper_class=wrapper_class)
+
+        def log_each() -> None:
+            bound = log.bind(device_id="bound", user_id="u-1")
+            bound.debug("hidden")
+            bound.info("shown", device_id="explicit", n=1)
+            bound.info("interpolated %s of %d", "two", 3)
+            bound.info("dropped", drop=True)
+            bound.warning("warned")
+            try:
+                raise KeyError("missing")
+            except KeyError:
+                bound.exception("failed")
+            bound.critical("down")
+
+        in_fresh_context(log_each)
+        for line in out.lines:
+            del line["timestamp"]
+            if "exception" in line:
+                line["exception"] = "KeyError: 'missing'" in line["exception"]
+        return out.lines
+
+    lean = lines_of(lean_bound_logger(logging.INFO))
+    assert lean == lines_of(structlog.make_filtering_bound_logger(logging.INFO))
+    assert [(line["event"], line["level"]) for line in lean] == [
+        ("shown", "info"), ("interpolated two of 3", "info"), ("warned", "warning"),
+        ("failed", "error"), ("down", "critical")]
+    assert lean[0]["device_id"] == "explicit" and lean[0]["user_id"] == "u-1"
+    assert lean[3]["exception"] is True
+    quiet = Lines()
+    at_warning = structlog.wrap_logger(quiet, processors=[render_json_line],
+                                       wrapper_class=lean_bound_logger(logging.WARNING))
+    in_fresh_context(lambda: (at_warning.info("hidden"), at_warning.warning("shown")))
+    assert [line["event"] for line in quiet.lines] == ["shown"]
+
+
+def test_info_lines_leave_once_per_loop_iteration_warnings_at_once() -> None:
+    """JsonLines: inside a running loop info lines wait in the stream's buffer for a
+    callback of the next iteration; a warning flushes them with itself; outside a loop
+    every line is flushed as it is written."""
+    import asyncio
+    import io
+
+    from gateway.logs import JsonLines
+
+    raw = io.BytesIO()
+    lines = JsonLines(io.BufferedWriter(raw))  # type: ignore[arg-type]
+    lines.info(b'{"event":"outside"}\n')
+    assert raw.getvalue() == b'{"event":"outside"}\n'
+
+    async def in_loop() -> None:
+        lines.info(b'{"event":"a"}\n')
+        lines.debug(b'{"event":"b"}\n')
+        assert raw.getvalue().count(b"\n") == 1  # both wait
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert raw.getvalue().endswith(b'{"event":"a"}\n{"event":"b"}\n')
+        lines.info(b'{"event":"c"}\n')
+        lines.warning(b'{"event":"w"}\n')
+        assert raw.getvalue().endswith(b'{"event":"c"}\n{"event":"w"}\n')
+
+    asyncio.run(in_loop())
+
+    async def last_iteration() -> None:
+        lines.info(b'{"event":"last"}\n')  # the loop ends before its flush runs
+
+    asyncio.run(last_iteration())
+
+    async def next_loop() -> None:
+        lines.info(b'{"event":"next"}\n')
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+
+    asyncio.run(next_loop())  # a flush left pending on a closed loop does not hold it
+    assert raw.getvalue().endswith(b'{"event":"last"}\n{"event":"next"}\n')

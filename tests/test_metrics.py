@@ -112,3 +112,47 @@ async def test_each_gateway_has_its_own_metrics(make_gateway: Any) -> None:
     await first.device("user-1", "device-1")
     assert value(await scrape(first), "gateway_connections_opened_total") == 1
     assert value(await scrape(second), "gateway_connections_opened_total") == 0
+
+
+def test_tallied_metrics_export_as_prometheus_counters_and_a_histogram() -> None:
+    """The per-call metrics, counted without prometheus_client's locks, read as the
+    client's own Counter and Histogram would: _total and _created per label, cumulative
+    buckets where a value on a bound counts in that bound's bucket, +Inf, count and sum."""
+    from gateway.metrics import CALL_BUCKETS, Metrics
+
+    metrics = Metrics()
+    for seconds in (0.001, 0.0011, 0.5, 61.0):
+        metrics.tool_call("ok", seconds)
+    metrics.tool_call("timeout", 30.0)
+    metrics.tool_calls.inc("device_offline")
+    metrics.frame_in("tool_result")
+    metrics.frame_in("tool_result")
+    metrics.frame_out("tool_call")
+    families = {f.name: f for f in text_string_to_metric_families(metrics.exposition().decode())}
+
+    calls = families["gateway_tool_calls"]
+    assert calls.type == "counter"
+    totals = {s.labels["outcome"]: s.value for s in calls.samples if s.name.endswith("_total")}
+    assert totals == {"ok": 4, "timeout": 1, "device_offline": 1}
+    created = families["gateway_tool_calls_created"].samples
+    assert {s.labels["outcome"] for s in created} == {"ok", "timeout", "device_offline"}
+    received = families["gateway_frames_received"].samples
+    assert [(s.labels, s.value) for s in received if s.name.endswith("_total")] == [
+        ({"type": "tool_result"}, 2)]
+    sent = families["gateway_frames_sent"].samples
+    assert [(s.labels, s.value) for s in sent if s.name.endswith("_total")] == [
+        ({"type": "tool_call"}, 1)]
+
+    latency = families["gateway_tool_call_duration_seconds"]
+    assert latency.type == "histogram"
+    buckets = {s.labels["le"]: s.value for s in latency.samples if s.name.endswith("_bucket")}
+    assert len(buckets) == len(CALL_BUCKETS) + 1
+    assert buckets["0.001"] == 1  # on the bound: counted in it (le)
+    assert buckets["0.0025"] == 2
+    assert buckets["0.5"] == 3
+    assert buckets["30.0"] == 4 and buckets["60.0"] == 4
+    assert buckets["+Inf"] == 5
+    by_name = {s.name: s.value for s in latency.samples}
+    assert by_name["gateway_tool_call_duration_seconds_count"] == 5
+    assert abs(by_name["gateway_tool_call_duration_seconds_sum"] - 91.5021) < 1e-9
+    assert len(families["gateway_tool_call_duration_seconds_created"].samples) == 1

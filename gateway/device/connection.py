@@ -99,6 +99,8 @@ class Connection:
     max_queued_bytes: int = MIN_QUEUED_BYTES
     # The device said hello with the "event_acks" capability (PROTOCOL.md §1.8).
     event_acks: bool = False
+    # Told the type of every frame written (the frames-sent metric).
+    count_sent: Callable[[str], None] | None = None
     connection_id: str = attrs.field(factory=lambda: str(uuid.uuid4()))
     connected_at: dt.datetime = attrs.field(factory=lambda: dt.datetime.now(dt.UTC))
     expires_at: float | None = None  # unix time incl. leeway
@@ -155,6 +157,8 @@ class Connection:
 
     def _sent(self, frame: bytes) -> None:
         self.frames_out += 1
+        if self.count_sent is not None:
+            self.count_sent(messages.frame_type(frame))
 
     def _broken(self, exc: BaseException) -> None:
         log.debug("device_send_failed", error=repr(exc))

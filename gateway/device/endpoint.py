@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable
 from typing import Literal
 
 import attrs
@@ -16,7 +16,7 @@ from gateway.auth import AUTHENTICATOR, AuthError, bearer_token
 from gateway.cluster.presence import PRESENCE
 from gateway.config import SETTINGS
 from gateway.device.connection import Connection, ConnectionGone
-from gateway.device.handlers import DeviceContext, dispatch, refuse
+from gateway.device.handlers import DeviceContext, dispatch_now, refuse
 from gateway.device.outbox import MIN_QUEUED_BYTES
 from gateway.device.registry import REGISTRY
 from gateway.device.sockets import DEVICE_SOCKETS
@@ -204,11 +204,11 @@ class _Socket:
 
     ws: web.WebSocketResponse
     transport: asyncio.Transport | None
-    count_out: Callable[[str], None]
 
-    async def send(self, frame: bytes) -> None:
-        await self.ws.send_frame(frame, WSMsgType.TEXT)
-        self.count_out(messages.frame_type(frame))
+    def send(self, frame: bytes) -> Awaitable[None]:
+        # aiohttp's own coroutine, no wrapper of ours per frame; the connection
+        # counts what was written (count_sent).
+        return self.ws.send_frame(frame, WSMsgType.TEXT)
 
     async def close(self, code: int, reason: str) -> None:
         closing = asyncio.ensure_future(self.ws.close(code=code, message=_close_reason(reason)))
@@ -242,10 +242,10 @@ async def _serve_device(
     holder = await _within_limit(app, ws, user_id, hello.device_id)
     if holder is False:
         return
-    socket = _Socket(ws, transport, metrics.frame_out)
+    socket = _Socket(ws, transport)
     conn = Connection(
         user_id=user_id, device_id=hello.device_id, agent_ids=hello.agent_ids,
-        send_fn=socket.send, close_fn=socket.close,
+        send_fn=socket.send, close_fn=socket.close, count_sent=metrics.frame_out,
         max_inflight_calls=settings.max_inflight_calls_per_device,
         max_queued_bytes=max(MIN_QUEUED_BYTES, 4 * settings.max_frame_bytes),
         event_acks=hello.event_acks,
@@ -343,10 +343,12 @@ async def _receive_loop(ctx: DeviceContext, ws: web.WebSocketResponse,
             if len(msg.data) > max_frame_bytes:  # one byte over aiohttp's own bound
                 ctx.conn.request_close(CloseCode.TOO_BIG, "frame too big")
                 return
-            await dispatch(ctx, msg.data)
+            waiting = dispatch_now(ctx, msg.data)
+            if waiting is not None:
+                await waiting
         elif msg.type is WSMsgType.BINARY:
             ctx.conn.frames_in += 1
-            await refuse(ctx, codes.BAD_FRAME, "binary frames are not accepted", None)
+            refuse(ctx, codes.BAD_FRAME, "binary frames are not accepted", None)
         else:  # CLOSE, CLOSING, CLOSED, ERROR: the socket is done
             return
 

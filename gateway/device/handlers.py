@@ -44,17 +44,19 @@ class DeviceContext:
     costly: Allowance = attrs.Factory(lambda: Allowance(COSTLY_PER_MINUTE, COSTLY_BURST))
 
 
-Handler = Callable[[DeviceContext, Frame], Awaitable[None]]
+# A handler that never waits is a plain function (no coroutine to create and
+# await per frame: tool_result is on every tool call's path).
+Handler = Callable[[DeviceContext, Frame], Awaitable[None] | None]
 
 
-async def handle_tool_result(ctx: DeviceContext, frame: Frame) -> None:
+def handle_tool_result(ctx: DeviceContext, frame: Frame) -> None:
     result = frames.parse_tool_result(frame)
     if not ctx.conn.resolve_call(result):
         raise FrameError("no such pending call on this connection", ref=frame.type,
                          code=codes.UNKNOWN_CALL)
 
 
-async def handle_tool_progress(ctx: DeviceContext, frame: Frame) -> None:
+def handle_tool_progress(ctx: DeviceContext, frame: Frame) -> None:
     progress = frames.parse_tool_progress(frame)
     if not ctx.conn.progress_call(progress.id):
         raise FrameError("no such pending call on this connection", ref=frame.type,
@@ -93,11 +95,11 @@ async def handle_agent_complete(ctx: DeviceContext, frame: Frame) -> None:
                             result=done.result, has_result=done.has_result)
 
 
-async def handle_ping(ctx: DeviceContext, frame: Frame) -> None:
+def handle_ping(ctx: DeviceContext, frame: Frame) -> None:
     ctx.conn.send(messages.PONG)
 
 
-async def handle_pong(ctx: DeviceContext, frame: Frame) -> None:
+def handle_pong(ctx: DeviceContext, frame: Frame) -> None:
     """Legacy heartbeat acknowledgement: liveness is the WebSocket's own ping/pong."""
 
 
@@ -154,6 +156,19 @@ HANDLERS: Final[dict[str, Handler]] = {
 
 async def dispatch(ctx: DeviceContext, raw: bytes | str) -> None:
     """Handle one text frame; refusals and failures become one ``error`` frame each."""
+    waiting = dispatch_now(ctx, raw)
+    if waiting is not None:
+        await waiting
+
+
+def dispatch_now(ctx: DeviceContext, raw: bytes | str) -> Awaitable[None] | None:
+    """``dispatch`` without a coroutine of its own: what is left to wait for, if anything.
+
+    The receive loop calls this: most frames (a tool_result on every call) are
+    done when it returns, and a coroutine per frame to await was a measurable
+    share of a tool call. Only a handler that waits (a query, a queue) leaves
+    an awaitable, whose failures are answered the same way.
+    """
     conn = ctx.conn
     conn.frames_in += 1
     frame_type: str | None = None  # known once the frame decoded
@@ -163,29 +178,43 @@ async def dispatch(ctx: DeviceContext, raw: bytes | str) -> None:
         if handler is None:
             ctx.metrics.frame_in("unknown")
             log.debug("unknown_frame_type", frame_type=frame.type[:64])
-            return
+            return None
         frame_type = frame.type
         ctx.metrics.frame_in(frame_type)
-        await handler(ctx, frame)
-    except FrameError as exc:
-        await refuse(ctx, exc.code, exc.message, exc.ref)
-    except RunRefused as exc:
+        waiting = handler(ctx, frame)
+    except Exception as exc:
+        _answer_failure(ctx, exc, frame_type)
+        return None
+    return None if waiting is None else _finish(ctx, waiting, frame_type)
+
+
+async def _finish(ctx: DeviceContext, waiting: Awaitable[None], frame_type: str) -> None:
+    try:
+        await waiting
+    except Exception as exc:
+        _answer_failure(ctx, exc, frame_type)
+
+
+def _answer_failure(ctx: DeviceContext, exc: Exception, frame_type: str | None) -> None:
+    """The one ``error`` frame for a frame its handler refused or failed on."""
+    if isinstance(exc, FrameError):
+        refuse(ctx, exc.code, exc.message, exc.ref)
+    elif isinstance(exc, RunRefused):
         if exc.code != codes.BAD_FRAME:  # an unknown_run/run_finished answer may have cost a query
             ctx.costly.take()
-        await refuse(ctx, exc.code, exc.message, frame_type)
-    except ConnectionGone:
-        raise  # the connection is ending anyway; its handler knows
-    except Exception as exc:
+        refuse(ctx, exc.code, exc.message, frame_type)
+    elif isinstance(exc, ConnectionGone):
+        raise exc  # the connection is ending anyway; its handler knows
+    else:
         # A bug or a database fault in one handler: this frame is answered and
         # the connection, with its other runs and calls, carries on.
         ctx.metrics.frame_handler_failures.labels(frame_type or "undecoded").inc()
         log.error("frame_handler_failed", frame_type=frame_type, error=repr(exc),
                   exc_info=exc)
-        await refuse(ctx, codes.INTERNAL, "the gateway failed to handle this frame",
-                     frame_type)
+        refuse(ctx, codes.INTERNAL, "the gateway failed to handle this frame", frame_type)
 
 
-async def refuse(ctx: DeviceContext, code: str, message: str, ref: str | None) -> None:
+def refuse(ctx: DeviceContext, code: str, message: str, ref: str | None) -> None:
     """Answer a refused frame; a device that keeps sending bad frames is closed."""
     ctx.metrics.bad_frames.labels(code).inc()
     log.debug("frame_refused", code=code, ref=ref, detail=message)

@@ -113,7 +113,8 @@ def envelope(tokens: ServiceTokens) -> Callable[[Handler], Handler]:
 
     def wrap(handler: Handler) -> Handler:
         async def enveloped(request: web.Request) -> web.StreamResponse:
-            given = request.headers.get("X-Request-Id", "")
+            headers = request.headers
+            given = headers.get("X-Request-Id", "")
             if 0 < len(given) <= 128 and given.isprintable():
                 request_id = given
             else:
@@ -123,7 +124,7 @@ def envelope(tokens: ServiceTokens) -> Callable[[Handler], Handler]:
             structlog.contextvars.bind_contextvars(request_id=request_id)
             response: web.StreamResponse
             try:
-                token = bearer_token(request.headers.get("Authorization"))
+                token = bearer_token(headers.get("Authorization"))
                 if token is None or not tokens.accepts(token):
                     raise ApiError(401, codes.UNAUTHORIZED,
                                    "a valid service bearer token is required")
