@@ -11,7 +11,6 @@ import asyncio
 import collections
 import contextlib
 import datetime as dt
-import itertools
 import time
 import uuid
 from collections.abc import Callable, Coroutine
@@ -115,7 +114,7 @@ class Connection:
     _expiry_handle: asyncio.TimerHandle | None = None
     # Created on the first bad frame: most devices never send one (memory per idle device).
     _bad_frame_times: collections.deque[float] | None = None
-    _call_ids: itertools.count[int] = attrs.Factory(lambda: itertools.count(1))
+    _calls_made: int = 0  # numbers this connection's call ids
 
     @property
     def closing(self) -> bool:
@@ -179,10 +178,11 @@ class Connection:
             )
         loop = asyncio.get_running_loop()
         started = loop.time()
+        self._calls_made += 1
         call = PendingCall(
             # Unique per connection is all a call id needs (ownership, not secrecy,
             # keeps other devices out); a uuid4 per call cost measurably.
-            call_id=f"{self.connection_id[:8]}-{next(self._call_ids)}",
+            call_id=f"{self.connection_id[:8]}-{self._calls_made}",
             tool=tool,
             future=loop.create_future(),
             timeout_s=timeout_s,

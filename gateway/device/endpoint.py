@@ -259,7 +259,23 @@ async def _serve_device(
     try:
         await _welcome(app, conn, expires_at, holder)
         del holder
-        await _receive_loop(ctx, ws, settings.max_frame_bytes)
+        max_frame_bytes = settings.max_frame_bytes
+        # The receive loop, here rather than in a coroutine of its own: one frame
+        # fewer held per idle device.
+        while True:
+            msg = await ws.receive()
+            if msg.type is WSMsgType.TEXT:
+                if len(msg.data) > max_frame_bytes:  # one byte over aiohttp's own bound
+                    conn.request_close(CloseCode.TOO_BIG, "frame too big")
+                    break
+                waiting = dispatch_now(ctx, msg.data)
+                if waiting is not None:
+                    await waiting
+            elif msg.type is WSMsgType.BINARY:
+                conn.frames_in += 1
+                refuse(ctx, codes.BAD_FRAME, "binary frames are not accepted", None)
+            else:  # CLOSE, CLOSING, CLOSED, ERROR: the socket is done
+                break
     except ConnectionGone:
         pass
     except Exception as exc:
@@ -333,24 +349,6 @@ async def _welcome(app: web.Application, conn: Connection, expires_at: float | N
             runs=[messages.AttachedRun(str(a.run_id), a.agent_id, a.last_seq)
                   for a in attached]))
     runs.send_claimed(conn, claimed)
-
-
-async def _receive_loop(ctx: DeviceContext, ws: web.WebSocketResponse,
-                        max_frame_bytes: int) -> None:
-    while True:
-        msg = await ws.receive()
-        if msg.type is WSMsgType.TEXT:
-            if len(msg.data) > max_frame_bytes:  # one byte over aiohttp's own bound
-                ctx.conn.request_close(CloseCode.TOO_BIG, "frame too big")
-                return
-            waiting = dispatch_now(ctx, msg.data)
-            if waiting is not None:
-                await waiting
-        elif msg.type is WSMsgType.BINARY:
-            ctx.conn.frames_in += 1
-            refuse(ctx, codes.BAD_FRAME, "binary frames are not accepted", None)
-        else:  # CLOSE, CLOSING, CLOSED, ERROR: the socket is done
-            return
 
 
 async def _cleanup(app: web.Application, ws: web.WebSocketResponse, conn: Connection,

@@ -41,7 +41,14 @@ class DeviceContext:
     metrics: Metrics
     heartbeat_s: float
     bad_frames_per_minute: int
-    costly: Allowance = attrs.Factory(lambda: Allowance(COSTLY_PER_MINUTE, COSTLY_BURST))
+    # Made on the first costly frame: most devices never send one (memory per idle device).
+    _costly: Allowance | None = None
+
+    @property
+    def costly(self) -> Allowance:
+        if self._costly is None:
+            self._costly = Allowance(COSTLY_PER_MINUTE, COSTLY_BURST)
+        return self._costly
 
 
 # A handler that never waits is a plain function (no coroutine to create and
