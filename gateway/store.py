@@ -727,18 +727,16 @@ DELETE_INSTANCE = "DELETE FROM gateway_instances WHERE instance_id = $1"
 
 DELETE_INSTANCE_PRESENCE = "DELETE FROM device_presence WHERE instance_id = $1"
 
-# A hello: the row of (user, device) becomes this connection's, whoever held it.
-
 # Back after being reaped: our rows again, except for devices another process
 # took meanwhile (those connections of ours are let go, see PRESENCE_LOST).
-UPSERT_PRESENCE_MANY = """
+_INSERT_PRESENCE_ROWS = """
 INSERT INTO device_presence (user_id, device_id, instance_id, connection_id, agent_ids,
                              connected_at)
 SELECT u, d, $1, c, string_to_array(a, chr(31)), t
   FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[])
        AS p(u, d, c, a, t)
-ON CONFLICT (user_id, device_id) DO NOTHING
 """
+UPSERT_PRESENCE_MANY = _INSERT_PRESENCE_ROWS + "ON CONFLICT (user_id, device_id) DO NOTHING\n"
 
 # Connections' cleanups (batched): exactly their own rows, never a successor's.
 DELETE_PRESENCE = "DELETE FROM device_presence WHERE connection_id = ANY($1::text[])"
@@ -757,8 +755,6 @@ SELECT p.user_id, p.device_id, p.instance_id, p.connection_id, p.agent_ids, p.co
  ORDER BY p.connected_at DESC
 """
 
-# At a hello: the user's other devices on every live process, and who holds this one.
-
 # At hellos (batched, a reconnect storm brings thousands): the presence rows on
 # live processes of the users $1.
 HELLO_PRESENCE = f"""
@@ -769,13 +765,7 @@ SELECT p.user_id, p.device_id, p.instance_id, p.connection_id, i.advertise_url
 
 # Devices up (batched): one row per device, the batch keeps the last hello of
 # each (ON CONFLICT may not touch a row twice).
-UPSERT_PRESENCE = """
-INSERT INTO device_presence (user_id, device_id, instance_id, connection_id, agent_ids,
-                             connected_at)
-SELECT u, d, $1, c, string_to_array(a, chr(31)), t
-  FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[])
-       AS p(u, d, c, a, t)
-ON CONFLICT (user_id, device_id) DO UPDATE
+UPSERT_PRESENCE = _INSERT_PRESENCE_ROWS + """ON CONFLICT (user_id, device_id) DO UPDATE
    SET instance_id = EXCLUDED.instance_id, connection_id = EXCLUDED.connection_id,
        agent_ids = EXCLUDED.agent_ids, connected_at = EXCLUDED.connected_at
 """
