@@ -49,11 +49,11 @@ class _CheckedOnceHMAC(HMACAlgorithm):
 
     def __init__(self, hash_alg: Any, secret: bytes) -> None:
         super().__init__(hash_alg)
-        self._secret = super().prepare_key(secret)
+        self.secret = super().prepare_key(secret)
 
     def prepare_key(self, key: str | bytes) -> bytes:
-        if key is self._secret:
-            return self._secret
+        if key is self.secret:
+            return self.secret
         return super().prepare_key(key)
 
 
@@ -61,13 +61,13 @@ def _hmac_key(algorithm: str, secret: str) -> jwt.PyJWK:
     """``secret`` as a key bound to ``algorithm``, its check already done."""
     key = jwt.PyJWK({"kty": "oct", "k": jwt.utils.base64url_encode(secret.encode()).decode()},
                     algorithm=algorithm)
-    hash_alg = {"HS256": HMACAlgorithm.SHA256, "HS384": HMACAlgorithm.SHA384,
-                "HS512": HMACAlgorithm.SHA512}[algorithm]
+    pyjwts = key.Algorithm  # PyJWT's own algorithm for this name: its hash (HS256: SHA-256, …)
+    assert isinstance(pyjwts, HMACAlgorithm), algorithm
     try:
-        checked = _CheckedOnceHMAC(hash_alg, key.key)
+        checked = _CheckedOnceHMAC(pyjwts.hash_alg, key.key)
     except jwt.InvalidKeyError as exc:
         raise ConfigError(f"GATEWAY_JWT_SECRET cannot be an HMAC secret: {exc}") from None
-    key.Algorithm, key.key = checked, checked._secret
+    key.Algorithm, key.key = checked, checked.secret
     return key
 
 

@@ -2,7 +2,8 @@
 tick (or while every slot is busy) are answered by one batch.
 
 A reconnect storm brings thousands of hellos a second, each of which must claim
-pending runs and resume detached ones (§3.3, §1.8). One query per hello makes
+pending runs and resume detached ones (§3.3, §1.8) and look up and write its
+presence (§5), and a mass disconnect as many cleanups. One query per hello makes
 the pool the bottleneck; one query per batch does not, and the batch grows by
 itself as the database slows: whatever arrives while ``slots`` batches are in
 flight waits for the next one.
