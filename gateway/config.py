@@ -82,7 +82,7 @@ class Settings:
     log_format: str | None = None  # None: json, or console when stdout is a terminal
     auto_migrate: bool = True
     # Tuning knobs beyond the contract (documented in the README).
-    event_batch_max: int = 2000
+    event_batch_max: int = 10_000
     event_queue_max: int = 20_000
     event_queue_max_bytes: int = 64 * 1024 * 1024
     subscriber_buffer: int = 1000

@@ -89,10 +89,11 @@ def _refuse_without_query(ctx: DeviceContext, run_id_text: str) -> None:
     raise RunRefused(codes.UNKNOWN_RUN, "no such run on this connection")
 
 
-async def handle_agent_data(ctx: DeviceContext, frame: Frame) -> None:
+def handle_agent_data(ctx: DeviceContext, frame: Frame) -> Awaitable[None] | None:
+    # Not a coroutine: the event is usually queued before this returns (the hot path).
     event = frames.parse_agent_data(frame)
     _refuse_without_query(ctx, event.run_id)
-    await ctx.runs.accept_event(ctx.conn, event.run_id, event.data, event.seq)
+    return ctx.runs.accept_event(ctx.conn, event.run_id, event.data, event.seq)
 
 
 async def handle_agent_complete(ctx: DeviceContext, frame: Frame) -> None:

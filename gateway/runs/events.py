@@ -91,7 +91,7 @@ class EventWriter:
     # Bytes of event JSON buffered at most (one larger event is let in alone):
     # 60 events of 3.5 MiB were 363 MiB under the count bound alone.
     queue_max_bytes: int = 64 * 1024 * 1024
-    batch_max: int = 2000
+    batch_max: int = 10_000
     # Bytes of event JSON in one batch at most (one larger event goes alone): the
     # batch is encoded into one COPY buffer of about that size besides the buffer.
     batch_max_bytes: int = 4 * 1024 * 1024
@@ -133,17 +133,39 @@ class EventWriter:
 
     async def put(self, run_id: uuid.UUID, seq: int, data_json: bytes) -> None:
         """Queue one event (its JSON in UTF-8); waits while the buffer is full (back-pressure)."""
+        waiting = self.put_now(run_id, seq, data_json)
+        if waiting is not None:
+            await waiting
+
+    def put_now(self, run_id: uuid.UUID, seq: int, data_json: bytes) -> Awaitable[None] | None:
+        """``put`` without a coroutine of its own: None once the event is queued, else
+        what the caller must await before its next event (for the event to be queued
+        once the buffer has room, or the writer's turn, see PUTS_PER_TURN).
+
+        A device's receive loop calls this once per agent_data frame, and a
+        coroutine per event was a measurable share of the ingest path.
+        """
+        if len(self._buffer) >= self.queue_max or (
+                self._buffer and self._bytes + len(data_json) > self.queue_max_bytes):
+            return self._put_when_room(run_id, seq, data_json)
+        self._append(run_id, seq, data_json)
+        if self._enqueued % PUTS_PER_TURN == 0:
+            return asyncio.sleep(0)  # the writer's turn, see PUTS_PER_TURN
+        return None
+
+    async def _put_when_room(self, run_id: uuid.UUID, seq: int, data_json: bytes) -> None:
         size = len(data_json)
         while len(self._buffer) >= self.queue_max or (
                 self._buffer and self._bytes + size > self.queue_max_bytes):
             self._has_room.clear()
             await self._has_room.wait()
-        self._bytes += size
+        self._append(run_id, seq, data_json)
+
+    def _append(self, run_id: uuid.UUID, seq: int, data_json: bytes) -> None:
+        self._bytes += len(data_json)
         self._buffer.append((run_id, seq, data_json, time.time_ns() // 1000))
         self._enqueued += 1
         self._has_work.set()
-        if self._enqueued % PUTS_PER_TURN == 0:
-            await asyncio.sleep(0)  # the writer's turn, see PUTS_PER_TURN
 
     async def flush(self) -> None:
         """Return once every event put before this call is committed."""
@@ -214,19 +236,22 @@ class EventWriter:
 
     def _next_batch(self) -> tuple[list[EventRecord], int, dict[uuid.UUID, int]]:
         """The oldest events, up to ``batch_max`` and ``batch_max_bytes``; their bytes
-        and the highest seq per run (one pass: this runs per event)."""
+        and the highest seq per run."""
+        buffer = self._buffer
+        if len(buffer) <= self.batch_max and self._bytes <= self.batch_max_bytes:
+            # All of it, the usual case: no pass in Python to size the batch.
+            batch = list(buffer)
+            return batch, self._bytes, _last_seqs(batch)
         size = 0
         count = 0
         limit = self.batch_max_bytes
-        last_seqs: dict[uuid.UUID, int] = {}
-        for run_id, seq, data, _at in itertools.islice(self._buffer, self.batch_max):
+        for _run_id, _seq, data, _at in itertools.islice(buffer, self.batch_max):
             if count and size + len(data) > limit:
                 break
             size += len(data)
             count += 1
-            if seq > last_seqs.get(run_id, 0):
-                last_seqs[run_id] = seq
-        return list(itertools.islice(self._buffer, count)), size, last_seqs
+        batch = list(itertools.islice(buffer, count))
+        return batch, size, _last_seqs(batch)
 
     async def _write_isolating(self, batch: list[EventRecord],
                                last_seqs: dict[uuid.UUID, int] | None = None
@@ -334,12 +359,12 @@ class EventWriter:
 
 
 def _last_seqs(batch: list[EventRecord]) -> dict[uuid.UUID, int]:
-    """The highest seq per run in ``batch`` (the runs' new event_count)."""
-    last_seq: dict[uuid.UUID, int] = {}
-    for run_id, seq, _data, _at in batch:
-        if seq > last_seq.get(run_id, 0):
-            last_seq[run_id] = seq
-    return last_seq
+    """The highest seq per run in ``batch`` (the runs' new event_count).
+
+    A run's events are put in seq order (its one device's receive loop waits
+    for each ``put``), so its last row in the batch has its highest seq.
+    """
+    return {run_id: seq for run_id, seq, _data, _at in batch}
 
 
 EVENT_WRITER = web.AppKey("event_writer", EventWriter)

@@ -241,13 +241,18 @@ class Runs:
             return RunRefused(codes.RUN_FINISHED, "the run has already ended")
         return RunRefused(codes.UNKNOWN_RUN, "no such run on this connection")
 
-    async def accept_event(
+    def accept_event(
         self, target: RunTarget, run_id_text: str, data: Any, seq: int | None = None
-    ) -> None:
-        """Number and queue one agent_data event (checking its seq under event_acks, §1.8)."""
+    ) -> Awaitable[None] | None:
+        """Number and queue one agent_data event (checking its seq under event_acks, §1.8).
+
+        Returns None once the event is queued (the usual case: no coroutine per
+        event), else what the device's receive loop must await before its next
+        frame: room in the writer's buffer, or the query behind a refusal.
+        """
         active = self.tracking.owned(target, run_id_text)
         if active is None:
-            raise await self._refusal(target, run_id_text)
+            return self._refuse_event(target, run_id_text)
         if target.event_acks:
             if seq is None:
                 raise RunRefused(codes.BAD_FRAME, "'seq' is required under event_acks")
@@ -256,12 +261,15 @@ class Runs:
                 self.metrics.events_duplicate.inc()
                 if seq <= active.stored_seq:
                     self._acknowledge(active)
-                return  # otherwise the commit of the events before it acks it
+                return None  # otherwise the commit of the events before it acks it
             if seq != active.last_seq + 1:
                 raise RunRefused(codes.BAD_FRAME,
                                  f"'seq' {seq} skips events: expected {active.last_seq + 1}")
         active.last_seq += 1
-        await self.writer.put(active.run_id, active.last_seq, orjson.dumps(data))
+        return self.writer.put_now(active.run_id, active.last_seq, orjson.dumps(data))
+
+    async def _refuse_event(self, target: RunTarget, run_id_text: str) -> None:
+        raise await self._refusal(target, run_id_text)
 
     def _stored(self, last_seq_by_run: Mapping[uuid.UUID, int]) -> None:
         """A batch was committed: acks, one per run, to devices that asked for them."""
