@@ -29,7 +29,7 @@ import aiohttp
 import orjson
 
 from benchmarks.load import TokenMinter, connect_device
-from benchmarks.servers import Database, Server, check_loopback, start_gateway
+from benchmarks.servers import ROOT, Database, Server, check_loopback, start_gateway
 
 SERIES = {"rss_mb": "process_resident_memory_bytes", "fds": "process_open_fds",
           "tasks": "gateway_asyncio_tasks", "devices": "gateway_devices_connected"}
@@ -172,11 +172,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--rss-slack-mb", type=float, default=20.0)
     parser.add_argument("--database-url", default=None)
+    parser.add_argument("--gateway-root", type=Path, default=ROOT,
+                        help="source tree whose run_gateway.py to run (to A/B a change)")
     opts = parser.parse_args(argv)
     db = Database.open(opts.database_url)
     run_dir = Path(tempfile.mkdtemp(prefix="gw-soak-"))
     server = start_gateway(db, run_dir, extra_env={"GATEWAY_APP_PING": "1",
-                                                   "GATEWAY_HEARTBEAT_S": "5"})
+                                                   "GATEWAY_HEARTBEAT_S": "5"},
+                           root=opts.gateway_root)
     try:
         baseline, end, counts = asyncio.run(soak(
             server, seconds=opts.minutes * 60, devices=opts.devices, callers=opts.callers,
