@@ -297,14 +297,19 @@ class AgentData:
 
 
 def parse_agent_data(frame: Frame) -> AgentData:
+    # Once per event: the fields are read once each and _storable is called only
+    # when the frame has a \u0000 escape at all.
+    fields = frame.fields
     run_id = _required_str(frame, "run_id")
-    if "data" not in frame.fields:
-        raise FrameError("'data' is required", ref=frame.type)
-    seq = frame.fields.get("seq")
+    try:
+        data = fields["data"]
+    except KeyError:
+        raise FrameError("'data' is required", ref=frame.type) from None
+    seq = fields.get("seq")
     if seq is not None and (not isinstance(seq, int) or isinstance(seq, bool)):
         raise FrameError("'seq' must be an integer", ref=frame.type)
-    data = frame.fields["data"]
-    _storable(frame, "data", data)
+    if frame.may_hold_nul:
+        _storable(frame, "data", data)
     return AgentData(run_id, data, seq)
 
 
