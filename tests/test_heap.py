@@ -16,7 +16,8 @@ from gateway.heap import HELD, HeapPolicy
 @pytest.fixture
 def policy() -> Iterator[HeapPolicy]:
     thresholds = gc.get_threshold()
-    policy = HeapPolicy(min_interval_s=0.2)
+    # Every full collection counts as fruitful here (the back-off has its own tests).
+    policy = HeapPolicy(min_interval_s=0.2, fruitless_below=0)
     yield policy
     policy.uninstall()
     gc.unfreeze()
@@ -80,3 +81,35 @@ def test_uninstall_restores_the_threshold_and_stops_listening(policy: HeapPolicy
     assert gc.get_threshold() == thresholds
     gc.collect()
     assert not policy.held
+
+
+def _collect_freeing(count: int) -> None:
+    """A full collection that frees ``count`` cycles at least."""
+    for _ in range(count):
+        cycle: list[object] = []
+        cycle.append(cycle)
+    del cycle
+    gc.collect()
+
+
+def test_fruitless_full_collections_double_the_hold_up_to_the_maximum(
+    policy: HeapPolicy,  # for its clean-up: thresholds restored, nothing left frozen
+) -> None:
+    backing_off = HeapPolicy(min_interval_s=0.2, max_interval_s=0.7, fruitless_below=500)
+    backing_off.install()
+    try:
+        gc.collect()  # frees nothing of note
+        assert backing_off.interval_s == 0.4
+        gc.collect()
+        gc.collect()
+        assert backing_off.interval_s == 0.7
+        time.sleep(0.45)
+        backing_off.release_due()
+        assert backing_off.held  # a fruitless one still waits for the longer hold
+        _collect_freeing(2000)
+        assert backing_off.interval_s == 0.2  # garbage found: back to the minimum
+        time.sleep(0.25)
+        backing_off.release_due()
+        assert not backing_off.held
+    finally:
+        backing_off.uninstall()
