@@ -381,6 +381,25 @@ async def test_the_event_buffer_is_bounded_by_bytes_and_lets_one_large_event_in_
     assert (alone.depth, alone.buffered_bytes) == (1, 5000)
 
 
+async def test_an_event_waiting_for_room_is_queued_even_if_its_device_task_is_cancelled(
+        gateway: Harness) -> None:
+    """Numbered is queued: the device's socket may go while its event waits for room
+    (its task cancelled), and the run's next event, on the device's next connection,
+    is numbered after it."""
+    svc = gateway.svc
+    writer = EventWriter(store=svc.store, metrics=svc.metrics, live=svc.live, queue_max=1)
+    run_id = uuid.uuid4()
+    assert writer.put_now(run_id, 1, b"1") is None
+    waiting = writer.put_now(run_id, 2, b"2")
+    assert waiting is not None and writer.depth == 1  # the buffer is full
+    device_task = asyncio.ensure_future(waiting)
+    await asyncio.sleep(0.05)
+    device_task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await device_task
+    assert (writer.depth, writer.buffered_bytes) == (2, 2)
+
+
 def test_an_event_row_beyond_int4_is_refused_by_the_encoder_as_asyncpg_refused_it() -> None:
     """seq is an int4 column: the COPY encoder raises the error the writer
     classifies as permanent (the row is dropped, logged, its run ended)."""

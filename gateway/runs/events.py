@@ -155,11 +155,19 @@ class EventWriter:
 
     async def _put_when_room(self, run_id: uuid.UUID, seq: int, data_json: bytes) -> None:
         size = len(data_json)
-        while len(self._buffer) >= self.queue_max or (
-                self._buffer and self._bytes + size > self.queue_max_bytes):
-            self._has_room.clear()
-            await self._has_room.wait()
-        self._append(run_id, seq, data_json)
+        try:
+            while len(self._buffer) >= self.queue_max or (
+                    self._buffer and self._bytes + size > self.queue_max_bytes):
+                self._has_room.clear()
+                await self._has_room.wait()
+        finally:
+            # Queued even when the waiting device's task is cancelled (its socket
+            # went): the event was numbered, and the run, handed over to the
+            # device's next connection, numbers the next one after it, so dropping
+            # it would leave a gap (under event_acks the device would not resend
+            # it: its seq counts as received). One event per waiting device past
+            # the bound at most.
+            self._append(run_id, seq, data_json)
 
     def _append(self, run_id: uuid.UUID, seq: int, data_json: bytes) -> None:
         self._bytes += len(data_json)
