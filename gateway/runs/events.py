@@ -41,8 +41,6 @@ from gateway.store import EventRow, Store, StoredEvent, received_at
 
 log = structlog.get_logger(__name__)
 
-EventRecord = EventRow
-
 # Events put before the putting task yields to the event loop. A device's task
 # does not suspend while its socket has frames buffered, so it would put a whole
 # read (hundreds of events) in one step, and the writer's database round trip
@@ -102,7 +100,7 @@ class EventWriter:
     # those runs. Awaited by the writer loop: a failure of its own is its to log.
     on_lost: Callable[[Mapping[uuid.UUID, list[int]]], Awaitable[None]] | None = None
     stall_after_s: float = STALL_AFTER_S
-    _buffer: collections.deque[EventRecord] = attrs.Factory(collections.deque)
+    _buffer: collections.deque[EventRow] = attrs.Factory(collections.deque)
     _enqueued: int = 0  # events ever put
     _committed: int = 0  # events ever stored
     _has_work: asyncio.Event = attrs.Factory(asyncio.Event)
@@ -242,7 +240,7 @@ class EventWriter:
             if lost:
                 await self._report_lost(lost)
 
-    def _next_batch(self) -> tuple[list[EventRecord], int, dict[uuid.UUID, int]]:
+    def _next_batch(self) -> tuple[list[EventRow], int, dict[uuid.UUID, int]]:
         """The oldest events, up to ``batch_max`` and ``batch_max_bytes``; their bytes
         and the highest seq per run."""
         buffer = self._buffer
@@ -261,9 +259,9 @@ class EventWriter:
         batch = list(itertools.islice(buffer, count))
         return batch, size, _last_seqs(batch)
 
-    async def _write_isolating(self, batch: list[EventRecord],
+    async def _write_isolating(self, batch: list[EventRow],
                                last_seqs: dict[uuid.UUID, int] | None = None
-                               ) -> list[EventRecord]:
+                               ) -> list[EventRow]:
         """Store ``batch``, or every row of it the database can take; return the others.
 
         Transient errors are retried (``_write_with_retry``). On a permanent one
@@ -276,11 +274,11 @@ class EventWriter:
             return []
         except PermanentWriteError as failure:
             exc = failure.__cause__
-        by_run: dict[uuid.UUID, list[EventRecord]] = {}
+        by_run: dict[uuid.UUID, list[EventRow]] = {}
         for event in batch:
             by_run.setdefault(event[0], []).append(event)
         if len(by_run) > 1:
-            lost: list[EventRecord] = []
+            lost: list[EventRow] = []
             for rows in by_run.values():
                 lost += await self._write_isolating(rows)
             return lost
@@ -291,21 +289,21 @@ class EventWriter:
         return (await self._write_isolating(batch[:half])
                 + await self._write_isolating(batch[half:]))
 
-    def _log_lost(self, rows: list[EventRecord], exc: BaseException | None) -> None:
+    def _log_lost(self, rows: list[EventRow], exc: BaseException | None) -> None:
         self.metrics.events_dropped.inc(len(rows))
         self.metrics.db_errors.labels("write_events_refused").inc()
         seqs = [seq for _run, seq, _data, _at in rows]
         log.error("event_rows_dropped", run_id=str(rows[0][0]), count=len(seqs),
                   seqs=seqs[:LOGGED_SEQS_MAX], error=repr(exc))
 
-    async def _report_lost(self, lost: list[EventRecord]) -> None:
+    async def _report_lost(self, lost: list[EventRow]) -> None:
         by_run: dict[uuid.UUID, list[int]] = {}
         for run_id, seq, _data, _at in lost:
             by_run.setdefault(run_id, []).append(seq)
         if self.on_lost is not None:
             await self.on_lost(by_run)
 
-    async def _write_with_retry(self, batch: list[EventRecord],
+    async def _write_with_retry(self, batch: list[EventRow],
                                 last_seq: dict[uuid.UUID, int]) -> None:
         """Write ``batch`` in one statement, retrying transient errors until it is stored.
 
@@ -352,7 +350,7 @@ class EventWriter:
                 still.append((target, future))
         self._flush_waiters = still
 
-    def _publish(self, batch: list[EventRecord], runs: Iterable[uuid.UUID]) -> None:
+    def _publish(self, batch: list[EventRow], runs: Iterable[uuid.UUID]) -> None:
         """Hand ``batch`` to the live readers of its ``runs`` (usually none: no pass)."""
         wanted = {run_id for run_id in runs if self.live.wanted(run_id)}
         if not wanted:
@@ -366,7 +364,7 @@ class EventWriter:
             self.live.publish(run_id, events)
 
 
-def _last_seqs(batch: list[EventRecord]) -> dict[uuid.UUID, int]:
+def _last_seqs(batch: list[EventRow]) -> dict[uuid.UUID, int]:
     """The highest seq per run in ``batch`` (the runs' new event_count).
 
     A run's events are put in seq order (its one device's receive loop waits
