@@ -36,7 +36,7 @@ from gateway.cluster.presence import PRESENCE, Held, Presence
 from gateway.config import SETTINGS, Secrets, Settings, redacted_summary
 from gateway.dev.devmode import print_banner
 from gateway.device.app_ping import app_ping_loop
-from gateway.device.endpoint import device_ws
+from gateway.device.endpoint import DEVICE_OPTIONS, DeviceOptions, device_ws
 from gateway.device.moved import let_go
 from gateway.device.registry import REGISTRY, Registry
 from gateway.device.sockets import DEVICE_SOCKETS, DeviceSockets
@@ -319,6 +319,7 @@ def build_public_app(gw: Gateway) -> web.Application:
     """Devices and operations; the internal API is never served here."""
     app = web.Application()
     _provide(app, gw)
+    app[DEVICE_OPTIONS] = DeviceOptions.from_settings(gw.settings)
     app.router.add_get(DEVICE_WS_PATH, device_ws)  # its own JSON errors (its docstring)
     ops.add_routes(app, wrap=json_errors)
     app.router.add_route("*", "/{path:.*}", json_errors(route_miss))  # last: what is left

@@ -283,6 +283,8 @@ class MalformedRequestFilter(logging.Filter):
 class AccessLogger(AbstractAccessLogger):
     """aiohttp access log as one structlog event per request, token redacted."""
 
+    # aiohttp makes one per connection: without slots, each would carry a dict.
+    __slots__ = ()
     level = logging.INFO
 
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
@@ -313,4 +315,5 @@ class InternalAccessLogger(AccessLogger):
     canonical info line with the request id (tool_call, run_created, …), and a
     second line per call cost a tenth of the gateway's tool-call throughput."""
 
+    __slots__ = ()
     level = logging.DEBUG

@@ -1,7 +1,7 @@
 """``gateway.device.handlers.dispatch`` without a socket (STYLE.md: the send-function seam).
 
-A ``Connection`` whose send function appends to a list and whose close
-function records its calls; no database, no network. Frames that would touch
+A ``Connection`` whose socket appends what it is sent to a list and records
+how it was closed; no database, no network. Frames that would touch
 runs are not sent here (``runs`` is None).
 """
 
@@ -55,19 +55,25 @@ def token(sub: str, *, ttl_s: float = 3600) -> str:
                       algorithm="HS256")
 
 
+@attrs.define
+class RecordingSocket:
+    """A device socket that keeps what the connection wrote and how it closed."""
+
+    sent: list[bytes] = attrs.Factory(list)
+    closes: list[tuple[int, str]] = attrs.Factory(list)
+
+    async def send(self, frame: bytes) -> None:
+        self.sent.append(frame)
+
+    async def close(self, code: int, reason: str) -> None:
+        self.closes.append((code, reason))
+
+
 @pytest.fixture
 async def wire() -> Wire:
-    sent: list[bytes] = []
-    closes: list[tuple[int, str]] = []
-
-    async def send(frame: bytes) -> None:
-        sent.append(frame)
-
-    async def close(code: int, reason: str) -> None:
-        closes.append((code, reason))
-
+    socket = RecordingSocket()
     conn = Connection(user_id="user-1", device_id="d1", agent_ids=("agent-a",),
-                      send_fn=send, close_fn=close, max_inflight_calls=4)
+                      socket=socket, max_inflight_calls=4)
     authenticator = DeviceAuthenticator(
         algorithms=("HS256",), secret=SECRET, public_key=None, audience=None, issuer=None,
         require_exp=True, leeway_s=0,
@@ -78,8 +84,8 @@ async def wire() -> Wire:
     # The endpoint sends hello_ack first; until then frames are held back.
     conn.acknowledge(b'{"type":"hello_ack"}')
     await conn.drained()
-    sent.clear()
-    return Wire(ctx, sent, closes)
+    socket.sent.clear()
+    return Wire(ctx, socket.sent, socket.closes)
 
 
 async def test_every_protocol_frame_type_has_a_handler() -> None:
@@ -209,7 +215,7 @@ async def test_failed_pending_calls_raise_for_the_caller(wire: Wire) -> None:
 
 
 async def test_bad_frame_limit_closes_with_1008(wire: Wire) -> None:
-    """More bad frames per minute than allowed: close_fn is called with 1008."""
+    """More bad frames per minute than allowed: the socket is closed with 1008."""
     for _ in range(BAD_FRAMES_PER_MINUTE):
         await wire.feed(b"garbage")
     await asyncio.sleep(0)

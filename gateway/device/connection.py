@@ -1,8 +1,8 @@
 """One device connection: sending, tool calls with their futures, expiry, closing.
 
 A ``Connection`` owns only what is its own: its pending calls, its close task
-and its expiry timer. The WebSocket is reached through a send function and a
-close function, so dispatch can be unit-tested without a socket.
+and its expiry timer. The WebSocket is reached through a ``DeviceSocket`` (send
+and close), so dispatch can be unit-tested without a socket.
 """
 
 from __future__ import annotations
@@ -12,21 +12,38 @@ import collections
 import contextlib
 import datetime as dt
 import time
+import types
 import uuid
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import Awaitable, Coroutine, Mapping
+from typing import Any, Protocol
 
 import attrs
 import structlog
 
-from gateway.device.outbox import MIN_QUEUED_BYTES, Outbox, OutboxBroken, OutboxFull, SendFn
+from gateway.device.outbox import MIN_QUEUED_BYTES, Outbox, OutboxBroken, OutboxFull
 from gateway.wire import codes, messages
 from gateway.wire.codes import CloseCode
 from gateway.wire.frames import ToolResult
 
-CloseFn = Callable[[int, str], Coroutine[Any, Any, Any]]
+
+class DeviceSocket(Protocol):
+    """How a connection reaches its WebSocket: the endpoint's, or a test's."""
+
+    def send(self, frame: bytes) -> Awaitable[None]:
+        """Write one text frame (awaited by the connection's outbox only)."""
+
+    def close(self, code: int, reason: str) -> Coroutine[Any, Any, None]:
+        """Close with ``code`` and ``reason`` (bounded: it may drop the socket)."""
+
+
+class FrameTally(Protocol):
+    """Counts frames by type (the frames-sent metric)."""
+
+    def inc(self, label: str) -> None: ...
 
 log = structlog.get_logger(__name__)
+
+NO_CALLS: Mapping[str, PendingCall] = types.MappingProxyType({})
 
 # A close waits this long for the frames queued before it (an agent_cancel,
 # the tool_cancel of a drain) to be written first.
@@ -92,18 +109,19 @@ class Connection:
     user_id: str
     device_id: str
     agent_ids: tuple[str, ...]
-    send_fn: SendFn
-    close_fn: CloseFn
+    socket: DeviceSocket
     max_inflight_calls: int
     max_queued_bytes: int = MIN_QUEUED_BYTES
     # The device said hello with the "event_acks" capability (PROTOCOL.md §1.8).
     event_acks: bool = False
-    # Told the type of every frame written (the frames-sent metric).
-    count_sent: Callable[[str], None] | None = None
+    # Told the type of every frame written (the frames-sent metric); shared by
+    # every connection, as is everything here that is not the device's own.
+    sent_tally: FrameTally | None = None
     connection_id: str = attrs.field(factory=lambda: str(uuid.uuid4()))
     connected_at: dt.datetime = attrs.field(factory=lambda: dt.datetime.now(dt.UTC))
     expires_at: float | None = None  # unix time incl. leeway
-    calls: dict[str, PendingCall] = attrs.Factory(dict)
+    # None while no call is in flight: an idle device holds no dict.
+    _calls: dict[str, PendingCall] | None = None
     frames_in: int = 0
     frames_out: int = 0
     close_code: int | None = None
@@ -117,13 +135,17 @@ class Connection:
     _calls_made: int = 0  # numbers this connection's call ids
 
     @property
+    def calls(self) -> Mapping[str, PendingCall]:
+        """The tool calls in flight, by call id."""
+        return self._calls if self._calls is not None else NO_CALLS
+
+    @property
     def closing(self) -> bool:
         """True once the connection started to go; nothing new is given to it."""
         return self._closing
 
     def __attrs_post_init__(self) -> None:
-        self._outbox = Outbox(self.send_fn, max_bytes=self.max_queued_bytes,
-                              on_sent=self._sent, on_broken=self._broken)
+        self._outbox = Outbox(self, max_bytes=self.max_queued_bytes)
 
     # ------------------------------------------------------------ sending
 
@@ -154,12 +176,17 @@ class Connection:
         written: bool = await self._outbox.drained(within_s)
         return written
 
-    def _sent(self, frame: bytes) -> None:
-        self.frames_out += 1
-        if self.count_sent is not None:
-            self.count_sent(messages.frame_type(frame))
+    # The outbox's owner (gateway/device/outbox.py): its writes go through here.
 
-    def _broken(self, exc: BaseException) -> None:
+    def write(self, frame: bytes) -> Awaitable[None]:
+        return self.socket.send(frame)
+
+    def frame_written(self, frame: bytes) -> None:
+        self.frames_out += 1
+        if self.sent_tally is not None:
+            self.sent_tally.inc(messages.frame_type(frame))
+
+    def write_failed(self, exc: BaseException) -> None:
         log.debug("device_send_failed", error=repr(exc))
         self.request_close(CloseCode.GOING_AWAY, "send failed")
 
@@ -188,7 +215,10 @@ class Connection:
             timeout_s=timeout_s,
             hard_deadline=started + max_timeout_s,
         )
-        self.calls[call.call_id] = call
+        if self._calls is None:
+            self._calls = {}
+        calls = self._calls
+        calls[call.call_id] = call
         try:
             try:
                 self.send(messages.tool_call(
@@ -213,7 +243,9 @@ class Connection:
                 raise
         finally:
             call.disarm()
-            self.calls.pop(call.call_id, None)
+            calls.pop(call.call_id, None)
+            if not calls and self._calls is calls:
+                self._calls = None
 
     def _cancel_call(self, call: PendingCall, reason: str) -> None:
         if self._closing:
@@ -283,14 +315,14 @@ class Connection:
             return
         self.mark_closing(code, reason)
         # What was queued before the close (an agent_cancel, a tool_cancel) goes first.
-        closing = (self.close_fn(code, reason) if self._outbox.idle
+        closing = (self.socket.close(code, reason) if self._outbox.idle
                    else self._close_after_queue(code, reason))
         self._close_task = asyncio.get_running_loop().create_task(
             closing, name=f"close-{self.connection_id}")
 
     async def _close_after_queue(self, code: int, reason: str) -> None:
         await self._outbox.drained(CLOSE_AFTER_QUEUE_S)
-        await self.close_fn(code, reason)
+        await self.socket.close(code, reason)
 
     def mark_closing(self, code: int, reason: str) -> None:
         """From now on nothing new is given to this connection."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import urllib.parse
 from collections.abc import Awaitable
 from typing import Literal
 
@@ -14,7 +15,7 @@ from aiohttp import WSMsgType, web
 
 from gateway.auth import AUTHENTICATOR, AuthError, bearer_token
 from gateway.cluster.presence import PRESENCE
-from gateway.config import SETTINGS
+from gateway.config import SETTINGS, Settings
 from gateway.device.connection import Connection, ConnectionGone
 from gateway.device.handlers import DeviceContext, dispatch_now, refuse
 from gateway.device.outbox import MIN_QUEUED_BYTES
@@ -72,6 +73,30 @@ def aiohttp_heartbeat(heartbeat_s: float) -> float:
     raise AssertionError("unreachable: two roundings at most")
 
 
+@attrs.frozen
+class DeviceOptions:
+    """What every device socket of the process is built with, computed once.
+
+    Shared by all connections: a float or a large int computed per connection
+    is memory per idle device, for ever the same value.
+    """
+
+    aiohttp_heartbeat_s: float
+    # aiohttp refuses a message of exactly max_msg_size; the contract closes only
+    # larger ones (the receive loop checks the exact bound, compressed frames too).
+    max_msg_size: int
+    max_queued_bytes: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> DeviceOptions:
+        return cls(aiohttp_heartbeat_s=aiohttp_heartbeat(settings.heartbeat_s),
+                   max_msg_size=settings.max_frame_bytes + 1,
+                   max_queued_bytes=max(MIN_QUEUED_BYTES, 4 * settings.max_frame_bytes))
+
+
+DEVICE_OPTIONS = web.AppKey("device_options", DeviceOptions)
+
+
 def _handshake_failed(request: web.Request, exc: Exception) -> web.Response:
     """What ``json_errors`` answers on the other public routes, for the upgrade."""
     if request.writer is not None and request.writer.output_size > 0:
@@ -93,11 +118,14 @@ def _close_reason(text: str) -> bytes:
 
 
 async def device_ws(request: web.Request) -> web.StreamResponse:
-    """GET /api/v1/ws/device — PROTOCOL.md §1.
+    """GET /api/v1/ws/device — PROTOCOL.md §1: handshake, hello, the connection's life.
 
-    Not wrapped in ``json_errors`` like the other public routes: this frame is
-    held for the connection's whole life, and a wrapper's frame would be too
-    (memory per idle device). Errors before the upgrade still leave as JSON.
+    This frame is held for the whole connection, so it is the only one: the
+    handshake's checks (``_admit``), the hello (``_hello``) and the welcome
+    (``_welcome``) are frames of their own that end before the receive loop;
+    the loop and the cleanup are here. Not wrapped in ``json_errors`` like the
+    other public routes, for the same reason (memory per idle device); errors
+    before the upgrade still leave as JSON.
     """
     try:
         admitted = _admit(request)
@@ -119,7 +147,48 @@ async def device_ws(request: web.Request) -> web.StreamResponse:
         # This handler is its connection's own task, so the binding ends with it
         # (and a plain bind holds less per connection than nested contexts).
         structlog.contextvars.bind_contextvars(user_id=user_id, remote=remote)
-        await _serve_device(app, ws, user_id, expires_at, request.transport)
+        del remote
+        said_hello = await _hello(app, ws, user_id, request.transport)
+        if said_hello is None:
+            return ws
+        ctx, holder = said_hello
+        del said_hello
+        conn = ctx.conn
+        started = time.monotonic()
+        try:
+            await _welcome(app, conn, expires_at, holder)
+            del holder
+            max_frame_bytes = app[SETTINGS].max_frame_bytes
+            while True:
+                msg = await ws.receive()
+                if msg.type is WSMsgType.TEXT:
+                    if len(msg.data) > max_frame_bytes:  # one byte over aiohttp's own bound
+                        conn.request_close(CloseCode.TOO_BIG, "frame too big")
+                        break
+                    waiting = dispatch_now(ctx, msg.data)
+                    if waiting is not None:
+                        await waiting
+                elif msg.type is WSMsgType.BINARY:
+                    conn.frames_in += 1
+                    refuse(ctx, codes.BAD_FRAME, "binary frames are not accepted", None)
+                else:  # CLOSE, CLOSING, CLOSED, ERROR: the socket is done
+                    break
+        except ConnectionGone:
+            pass
+        except Exception as exc:
+            log.exception("device_connection_failed", error=repr(exc))
+            conn.mark_closing(CloseCode.INTERNAL_ERROR, "internal error")
+        finally:
+            # aiohttp cancels the handler of a peer that went away (handler_cancellation,
+            # always on in its test server) and at shutdown; the cleanup must still
+            # finish, or the device's runs stay `running` until the next restart (§1.7).
+            # So it runs as its own task, which the handler still awaits when cancelled.
+            cleanup = asyncio.ensure_future(_cleanup(app, ws, conn, started))
+            try:
+                await asyncio.shield(cleanup)
+            except asyncio.CancelledError:
+                await cleanup
+                raise
     finally:
         sockets.closed(ws)
     return ws
@@ -141,7 +210,7 @@ def _admit(
         return _refuse_handshake(metrics, 503, codes.OVER_CAPACITY,
                                  "the gateway holds its maximum of connections")
     remote = client_address(request, settings.trusted_proxies)  # the device's, not a proxy's
-    token = request.query.get("token") or bearer_token(request.headers.get("Authorization"))
+    token = _query_token(request) or bearer_token(request.headers.get("Authorization"))
     try:
         claims = app[AUTHENTICATOR].verify(token or "")
     except AuthError as exc:
@@ -154,11 +223,10 @@ def _admit(
         return _refuse_handshake(metrics, 429, codes.TOO_MANY_HANDSHAKES,
                                  "this user holds its maximum of sockets awaiting device_hello")
 
+    options = app[DEVICE_OPTIONS]
     ws = web.WebSocketResponse(
-        heartbeat=aiohttp_heartbeat(settings.heartbeat_s), autoping=True,
-        # aiohttp refuses a message of exactly max_msg_size; the contract closes only
-        # larger ones (the receive loop checks the exact bound, compressed frames too).
-        max_msg_size=settings.max_frame_bytes + 1, timeout=CLOSE_TIMEOUT_S,
+        heartbeat=options.aiohttp_heartbeat_s, autoping=True,
+        max_msg_size=options.max_msg_size, timeout=CLOSE_TIMEOUT_S,
         decode_text=False,
         # Off by default (PROTOCOL §4): a deflate context costs ~100 KB per device.
         # When on, aiohttp checks max_msg_size against the inflated message.
@@ -168,6 +236,19 @@ def _admit(
         return _refuse_handshake(metrics, 400, codes.BAD_REQUEST,
                                  "a WebSocket upgrade is required")
     return ws, claims.user_id, claims.expires_at, remote
+
+
+def _query_token(request: web.Request) -> str | None:
+    """The first ``token`` query parameter (§1.1), read without ``request.query``:
+    that parse stays cached on the request for the socket's whole life (a second
+    copy of the token and a multidict per idle device). Through ``rel_url``, which
+    aiohttp's router has already cached, not ``raw_path``: one more cached
+    property would grow the request's cache past its first table."""
+    query = request.rel_url.raw_query_string
+    for name, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
+        if name == "token":
+            return value
+    return None
 
 
 async def _receive_hello(ws: web.WebSocketResponse, timeout_s: float) -> Hello | None:
@@ -207,7 +288,7 @@ class _Socket:
 
     def send(self, frame: bytes) -> Awaitable[None]:
         # aiohttp's own coroutine, no wrapper of ours per frame; the connection
-        # counts what was written (count_sent).
+        # counts what was written (frame_written).
         return self.ws.send_frame(frame, WSMsgType.TEXT)
 
     async def close(self, code: int, reason: str) -> None:
@@ -223,12 +304,13 @@ class _Socket:
         await closing
 
 
-async def _serve_device(
-    app: web.Application, ws: web.WebSocketResponse, user_id: str, expires_at: float | None,
+async def _hello(
+    app: web.Application, ws: web.WebSocketResponse, user_id: str,
     transport: asyncio.Transport | None,
-) -> None:
-    """Hello, then the connection's life; this frame is held for all of it, so what
-    only the hello needs lives in ``_within_limit`` and ``_welcome``."""
+) -> tuple[DeviceContext, PresenceRow | None] | None:
+    """The device_hello and the per-user limit: the new connection (not registered
+    yet) with the other process holding the device now, if one does; None when
+    the socket was closed instead."""
     settings = app[SETTINGS]
     metrics = app[METRICS]
     sockets = app[DEVICE_SOCKETS]
@@ -237,61 +319,23 @@ async def _serve_device(
     sockets.hello_done(ws)
     if hello is None:
         metrics.connections_closed.labels(close_label(ws.close_code)).inc()
-        return
+        return None
     structlog.contextvars.bind_contextvars(device_id=hello.device_id)
     holder = await _within_limit(app, ws, user_id, hello.device_id)
     if holder is False:
-        return
-    socket = _Socket(ws, transport)
+        return None
     conn = Connection(
         user_id=user_id, device_id=hello.device_id, agent_ids=hello.agent_ids,
-        send_fn=socket.send, close_fn=socket.close, count_sent=metrics.frame_out,
+        socket=_Socket(ws, transport), sent_tally=metrics.frames_out,
         max_inflight_calls=settings.max_inflight_calls_per_device,
-        max_queued_bytes=max(MIN_QUEUED_BYTES, 4 * settings.max_frame_bytes),
+        max_queued_bytes=app[DEVICE_OPTIONS].max_queued_bytes,
         event_acks=hello.event_acks,
     )
-    del hello  # not kept for the connection's life (memory per idle device)
     ctx = DeviceContext(
         conn=conn, runs=app[RUNS], authenticator=app[AUTHENTICATOR], metrics=metrics,
         heartbeat_s=settings.heartbeat_s, bad_frames_per_minute=settings.bad_frames_per_minute,
     )
-    started = time.monotonic()
-    try:
-        await _welcome(app, conn, expires_at, holder)
-        del holder
-        max_frame_bytes = settings.max_frame_bytes
-        # The receive loop, here rather than in a coroutine of its own: one frame
-        # fewer held per idle device.
-        while True:
-            msg = await ws.receive()
-            if msg.type is WSMsgType.TEXT:
-                if len(msg.data) > max_frame_bytes:  # one byte over aiohttp's own bound
-                    conn.request_close(CloseCode.TOO_BIG, "frame too big")
-                    break
-                waiting = dispatch_now(ctx, msg.data)
-                if waiting is not None:
-                    await waiting
-            elif msg.type is WSMsgType.BINARY:
-                conn.frames_in += 1
-                refuse(ctx, codes.BAD_FRAME, "binary frames are not accepted", None)
-            else:  # CLOSE, CLOSING, CLOSED, ERROR: the socket is done
-                break
-    except ConnectionGone:
-        pass
-    except Exception as exc:
-        log.exception("device_connection_failed", error=repr(exc))
-        conn.mark_closing(CloseCode.INTERNAL_ERROR, "internal error")
-    finally:
-        # aiohttp cancels the handler of a peer that went away (handler_cancellation,
-        # always on in its test server) and at shutdown; the cleanup must still finish,
-        # or the device's runs stay `running` until the next restart (§1.7). So it runs
-        # as its own task, which the handler still awaits when cancelled.
-        cleanup = asyncio.ensure_future(_cleanup(app, ws, conn, started))
-        try:
-            await asyncio.shield(cleanup)
-        except asyncio.CancelledError:
-            await cleanup
-            raise
+    return ctx, holder
 
 
 async def _within_limit(app: web.Application, ws: web.WebSocketResponse, user_id: str,

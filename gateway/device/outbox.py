@@ -15,14 +15,27 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
+from typing import Protocol
 
 import attrs
 import structlog
 
 log = structlog.get_logger(__name__)
 
-SendFn = Callable[[bytes], Awaitable[None]]
+
+class OutboxOwner(Protocol):
+    """The connection an outbox writes for: its socket, and what it is told."""
+
+    def write(self, frame: bytes) -> Awaitable[None]:
+        """Write one frame to the socket (aiohttp's own send, awaited by the outbox)."""
+
+    def frame_written(self, frame: bytes) -> None:
+        """One frame was written (counting, metrics)."""
+
+    def write_failed(self, exc: BaseException) -> None:
+        """A write failed: the socket is gone. Called once."""
+
 
 MAX_QUEUED_FRAMES = 10_000
 MIN_QUEUED_BYTES = 16 * 1024 * 1024
@@ -38,12 +51,10 @@ class OutboxBroken(Exception):
 
 @attrs.define(eq=False)
 class Outbox:
-    send_fn: SendFn
+    # One reference to its owner, not three callables: a bound method is an
+    # object per connection (memory per idle device).
+    owner: OutboxOwner
     max_bytes: int = MIN_QUEUED_BYTES
-    # Called once per frame written, with the frame (counting, metrics).
-    on_sent: Callable[[bytes], None] | None = None
-    # Called once when a write fails (the socket is gone).
-    on_broken: Callable[[BaseException], None] | None = None
     # None while empty: an idle device holds no deque.
     _frames: collections.deque[bytes] | None = None
     _bytes: int = 0
@@ -92,14 +103,13 @@ class Outbox:
             while frames:
                 frame = frames[0]
                 try:
-                    await self.send_fn(frame)
+                    await self.owner.write(frame)
                 except Exception as exc:  # the socket is gone (reset, closed, closing)
                     self._fail(exc)
                     return
                 frames.popleft()
                 self._bytes -= len(frame)
-                if self.on_sent is not None:
-                    self.on_sent(frame)
+                self.owner.frame_written(frame)
         finally:
             self._task = None
             if not frames:
@@ -110,8 +120,7 @@ class Outbox:
         if self._frames is not None:
             self._frames.clear()
         self._bytes = 0
-        if self.on_broken is not None:
-            self.on_broken(exc)
+        self.owner.write_failed(exc)
 
     async def drained(self, within_s: float) -> bool:
         """Wait (at most ``within_s``) until every queued frame is written; True if so.
