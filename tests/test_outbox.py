@@ -1,5 +1,6 @@
-"""``gateway.device.outbox``: frames written in order by one task, hello_ack
-first, what was written reported to the owner, a broken socket reported once.
+"""``gateway.device.outbox``: frames written in order by one task (or within
+the put, for ``put_at_once``), hello_ack first, what was written reported to
+the owner, a broken socket reported once.
 
 The owner here is a fake whose writes finish at once or wait on an event, as
 aiohttp's send does when the socket's buffer is full; the outbox behind real
@@ -28,12 +29,17 @@ class Owner:
     gate: asyncio.Event | None = None
     fail_with: Exception | None = None
     waits: int = 0  # writes that had to wait
+    cancelled: int = 0  # writes cancelled while they waited
     on_written: Callable[[bytes], None] | None = None
 
     async def write(self, frame: bytes) -> None:
         if self.gate is not None and not self.gate.is_set():
             self.waits += 1
-            await self.gate.wait()
+            try:
+                await self.gate.wait()
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
         if self.fail_with is not None:
             raise self.fail_with
         self.written.append(frame)
@@ -143,3 +149,90 @@ async def test_a_put_from_the_owners_callback_is_written_once_after_the_frame() 
     assert await outbox.drained(1.0)
     assert owner.written == [b"ping", b"after-ping"] == owner.reported
     assert outbox.idle
+
+
+# ------------------------------------------------------------ put_at_once (the app ping)
+
+
+async def test_put_at_once_to_an_idle_outbox_writes_within_the_call_without_a_task() -> None:
+    owner = Owner()
+    outbox = released(owner)
+    tasks_before = len(asyncio.all_tasks())
+    outbox.put_at_once(b"ping")
+    assert owner.written == [b"ping"] == owner.reported
+    assert outbox.idle and len(asyncio.all_tasks()) == tasks_before
+
+
+async def test_put_at_once_behind_a_waiting_write_is_queued_after_it() -> None:
+    owner = Owner(gate=asyncio.Event())
+    outbox = released(owner)
+    outbox.put(b"tool_call")
+    assert not await outbox.drained(0.05)
+    outbox.put_at_once(b"ping")
+    assert owner.written == [] and outbox.pending == 2
+    owner.gate.set()  # type: ignore[union-attr]
+    assert await outbox.drained(1.0)
+    assert owner.written == [b"tool_call", b"ping"] == owner.reported
+
+
+async def test_put_at_once_before_release_waits_for_hello_ack() -> None:
+    owner = Owner()
+    outbox = Outbox(owner)
+    outbox.put_at_once(b"ping")
+    assert owner.written == []
+    outbox.put(b"hello_ack", first=True)
+    outbox.release()
+    assert await outbox.drained(1.0)
+    assert owner.written == [b"hello_ack", b"ping"]
+
+
+async def test_a_write_begun_at_once_that_waits_is_finished_by_the_task_in_order() -> None:
+    owner = Owner(gate=asyncio.Event())
+    outbox = released(owner)
+    outbox.put_at_once(b"ping")  # begun here, then waits: the socket's buffer is "full"
+    assert owner.waits == 1 and not outbox.idle and outbox.pending == 1
+    outbox.put(b"after")
+    assert not await outbox.drained(0.05)
+    owner.gate.set()  # type: ignore[union-attr]
+    assert await outbox.drained(1.0)
+    # The begun write finished (not started again), then the frame put after it.
+    assert owner.written == [b"ping", b"after"] == owner.reported
+    assert owner.waits == 1 and outbox.idle
+
+
+async def test_a_write_begun_at_once_that_fails_later_is_reported_once() -> None:
+    owner = Owner(gate=asyncio.Event())
+    outbox = released(owner)
+    outbox.put_at_once(b"ping")
+    owner.fail_with = ConnectionResetError("gone")
+    owner.gate.set()  # type: ignore[union-attr]
+    assert await outbox.drained(1.0)
+    assert [type(e) for e in owner.failures] == [ConnectionResetError]
+    assert owner.reported == [] and outbox.pending == 0
+    with pytest.raises(OutboxBroken):
+        outbox.put_at_once(b"ping")
+
+
+async def test_a_write_failing_at_once_is_reported_within_the_call() -> None:
+    owner = Owner(fail_with=ConnectionResetError("gone"))
+    outbox = released(owner)
+    outbox.put_at_once(b"ping")
+    assert [type(e) for e in owner.failures] == [ConnectionResetError]
+    assert outbox.idle
+    with pytest.raises(OutboxBroken):
+        outbox.put(b"after")
+
+
+async def test_cancelling_the_task_reaches_the_write_begun_at_once() -> None:
+    """The task finishing a begun write is a real task: cancelled (the loop's
+    shutdown), the write under way sees the CancelledError where it waits."""
+    owner = Owner(gate=asyncio.Event())
+    outbox = released(owner)
+    outbox.put_at_once(b"ping")
+    task = outbox._task
+    assert task is not None
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert owner.cancelled == 1 and owner.written == [] and owner.failures == []

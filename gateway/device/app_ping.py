@@ -24,6 +24,7 @@ async def app_ping_loop(registry: Registry, interval_s: float) -> None:
             if conn.closing:
                 continue
             with contextlib.suppress(ConnectionGone):
-                conn.send(messages.PING)  # queued: a device that does not read holds up no one
+                # Never waits: a device that does not read holds up no one.
+                conn.send(messages.PING, at_once=True)
             if index % YIELD_EVERY == 0:
                 await asyncio.sleep(0)

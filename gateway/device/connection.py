@@ -149,16 +149,21 @@ class Connection:
 
     # ------------------------------------------------------------ sending
 
-    def send(self, frame: bytes) -> None:
+    def send(self, frame: bytes, *, at_once: bool = False) -> None:
         """Queue one frame for the device; never waits (frames before hello_ack wait for it).
 
-        Raises ConnectionGone when the connection is going, and closes a device
-        that does not read what it is sent (its queue bound).
+        ``at_once``: written within this call when nothing else is queued (the
+        app ping to every device; see ``Outbox.put_at_once``). Raises
+        ConnectionGone when the connection is going, and closes a device that
+        does not read what it is sent (its queue bound).
         """
         if self._closing:
             raise ConnectionGone("connection is closing")
         try:
-            self._outbox.put(frame)
+            if at_once:
+                self._outbox.put_at_once(frame)
+            else:
+                self._outbox.put(frame)
         except OutboxBroken as exc:
             raise ConnectionGone(str(exc)) from None
         except OutboxFull as exc:

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Awaitable
-from typing import Protocol
+from collections.abc import Awaitable, Generator
+from typing import Any, Protocol
 
 import attrs
 import structlog
@@ -87,6 +87,36 @@ class Outbox:
         self._bytes += len(frame)
         self._start()
 
+    def put_at_once(self, frame: bytes) -> None:
+        """``put``, but an idle outbox writes the frame within this call.
+
+        For a frame sent to every device at once (the app ping): a task per
+        device to write one small frame is most of its cost, and aiohttp's
+        send only waits when the socket's buffer is full. A write that does
+        wait is finished by the outbox's task, ahead of anything put after.
+        Not for a busy device's frames (tool calls): one task per burst
+        batches them for the device, and calls/s fell by 7-20 % when every
+        frame was written at once (benchmarks/RESULTS.md, round seven).
+        """
+        if self._broken is not None:
+            raise OutboxBroken(repr(self._broken))
+        if self._held or not self.idle:
+            self.put(frame)
+            return
+        steps = self.owner.write(frame).__await__()
+        try:
+            waiting_on = steps.send(None)
+        except StopIteration:
+            self.owner.frame_written(frame)
+            return
+        except Exception as exc:  # the socket is gone (reset, closed, closing)
+            self._fail(exc)
+            return
+        self._frames = collections.deque((frame,))
+        self._bytes = len(frame)
+        self._task = asyncio.get_running_loop().create_task(
+            self._write_all(_Resumed(steps, waiting_on)))
+
     def release(self) -> None:
         """Start writing (after hello_ack was put ``first``)."""
         self._held = False
@@ -95,18 +125,21 @@ class Outbox:
     def _start(self) -> None:
         if self._held or self._task is not None or not self._frames:
             return
-        self._task = asyncio.get_running_loop().create_task(self._write_all())
+        self._task = asyncio.get_running_loop().create_task(self._write_all(None))
 
-    async def _write_all(self) -> None:
+    async def _write_all(self, front: Awaitable[None] | None) -> None:
+        """The task: writes the queue in order; ``front``, when given, is the front
+        frame's write, already begun by ``put_at_once``."""
         frames = self._frames
         try:
             while frames:
                 frame = frames[0]
                 try:
-                    await self.owner.write(frame)
+                    await (front if front is not None else self.owner.write(frame))
                 except Exception as exc:  # the socket is gone (reset, closed, closing)
                     self._fail(exc)
                     return
+                front = None
                 frames.popleft()
                 self._bytes -= len(frame)
                 self.owner.frame_written(frame)
@@ -133,3 +166,33 @@ class Outbox:
             return True
         await asyncio.wait([task], timeout=within_s)
         return task.done()
+
+
+@attrs.define(eq=False)
+class _Resumed:
+    """The rest of an awaitable whose first step already ran and is waiting on
+    ``waiting_on``: awaiting this finishes it in the awaiting task exactly as
+    ``yield from`` would have (PEP 380), so a write begun within a call can go
+    on in a task when the socket makes it wait."""
+
+    steps: Generator[Any, Any, None]
+    waiting_on: Any
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        steps, value = self.steps, self.waiting_on
+        while True:
+            try:
+                sent = yield value
+            except GeneratorExit:
+                steps.close()
+                raise
+            except BaseException as exc:  # the task's cancel, or the future's error
+                try:
+                    value = steps.throw(exc)
+                except StopIteration:
+                    return
+            else:
+                try:
+                    value = steps.send(sent)
+                except StopIteration:
+                    return
