@@ -37,6 +37,7 @@ from gateway.config import SETTINGS, Secrets, Settings, redacted_summary
 from gateway.dev.devmode import print_banner
 from gateway.device.app_ping import app_ping_loop
 from gateway.device.endpoint import DEVICE_OPTIONS, DeviceOptions, device_ws
+from gateway.device.handlers import DEVICE_CONTEXT, DeviceContext
 from gateway.device.moved import let_go
 from gateway.device.registry import REGISTRY, Registry
 from gateway.device.sockets import DEVICE_SOCKETS, DeviceSockets
@@ -320,6 +321,10 @@ def build_public_app(gw: Gateway) -> web.Application:
     app = web.Application()
     _provide(app, gw)
     app[DEVICE_OPTIONS] = DeviceOptions.from_settings(gw.settings)
+    app[DEVICE_CONTEXT] = DeviceContext(
+        runs=gw.runs, authenticator=gw.authenticator, metrics=gw.metrics,
+        heartbeat_s=gw.settings.heartbeat_s,
+        bad_frames_per_minute=gw.settings.bad_frames_per_minute)
     app.router.add_get(DEVICE_WS_PATH, device_ws)  # its own JSON errors (its docstring)
     ops.add_routes(app, wrap=json_errors)
     app.router.add_route("*", "/{path:.*}", json_errors(route_miss))  # last: what is left

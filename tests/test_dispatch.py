@@ -30,12 +30,9 @@ class Wire:
     """What the gateway sent to the fake device, and how it asked to close it."""
 
     ctx: DeviceContext
+    conn: Connection
     sent: list[bytes] = attrs.Factory(list)
     closes: list[tuple[int, str]] = attrs.Factory(list)
-
-    @property
-    def conn(self) -> Connection:
-        return self.ctx.conn
 
     def frames(self) -> list[dict[str, Any]]:
         return [orjson.loads(raw) for raw in self.sent]
@@ -44,7 +41,7 @@ class Wire:
         """Dispatch one frame; the frames it caused to be sent."""
         before = len(self.sent)
         raw = orjson.dumps(frame) if isinstance(frame, dict) else frame
-        await dispatch(self.ctx, raw)
+        await dispatch(self.ctx, self.conn, raw)
         await self.conn.drained()  # sends are queued; the connection's writer sends them
         return [orjson.loads(raw) for raw in self.sent[before:]]
 
@@ -78,14 +75,14 @@ async def wire() -> Wire:
         algorithms=("HS256",), secret=SECRET, public_key=None, audience=None, issuer=None,
         require_exp=True, leeway_s=0,
     )
-    ctx = DeviceContext(conn=conn, runs=None,  # type: ignore[arg-type]
+    ctx = DeviceContext(runs=None,  # type: ignore[arg-type]
                         authenticator=authenticator, metrics=Metrics(), heartbeat_s=30,
                         bad_frames_per_minute=BAD_FRAMES_PER_MINUTE)
     # The endpoint sends hello_ack first; until then frames are held back.
     conn.acknowledge(b'{"type":"hello_ack"}')
     await conn.drained()
     socket.sent.clear()
-    return Wire(ctx, socket.sent, socket.closes)
+    return Wire(ctx, conn, socket.sent, socket.closes)
 
 
 async def test_every_protocol_frame_type_has_a_handler() -> None:
@@ -96,14 +93,14 @@ async def test_every_protocol_frame_type_has_a_handler() -> None:
 
 async def test_ping_is_answered_with_exact_pong_bytes(wire: Wire) -> None:
     """ping → exactly the bytes {"type":"pong"}."""
-    await dispatch(wire.ctx, b'{"type":"ping"}')
+    await dispatch(wire.ctx, wire.conn, b'{"type":"ping"}')
     await wire.conn.drained()
     assert wire.sent == [b'{"type":"pong"}']
 
 
 async def test_str_frames_are_dispatched_too(wire: Wire) -> None:
     """dispatch accepts text as str as well as bytes."""
-    await dispatch(wire.ctx, '{"type": "ping"}')
+    await dispatch(wire.ctx, wire.conn, '{"type": "ping"}')
     await wire.conn.drained()
     assert wire.frames() == [{"type": "pong"}]
 
@@ -272,6 +269,6 @@ async def test_repeated_hello_with_other_device_id_is_bad_frame(wire: Wire) -> N
 async def test_nothing_is_sent_to_a_closing_connection(wire: Wire) -> None:
     """Once the connection is closing, frames are dropped quietly instead of written."""
     wire.conn.mark_closing(4000, "replaced")
-    await dispatch(wire.ctx, b"garbage")
+    await dispatch(wire.ctx, wire.conn, b"garbage")
     await wire.conn.drained()
     assert wire.sent == []

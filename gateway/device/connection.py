@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import attrs
 import structlog
 
+from gateway.device.allowance import Allowance
 from gateway.device.outbox import MIN_QUEUED_BYTES, Outbox, OutboxBroken, OutboxFull
 from gateway.wire import codes, messages
 from gateway.wire.codes import CloseCode
@@ -132,6 +133,9 @@ class Connection:
     _expiry_handle: asyncio.TimerHandle | None = None
     # Created on the first bad frame: most devices never send one (memory per idle device).
     _bad_frame_times: collections.deque[float] | None = None
+    # The handlers' allowance of costly frames (gateway/device/handlers.py), made
+    # on the first one.
+    costly: Allowance | None = None
     _calls_made: int = 0  # numbers this connection's call ids
 
     @property

@@ -17,7 +17,7 @@ from gateway.auth import AUTHENTICATOR, AuthError, bearer_token
 from gateway.cluster.presence import PRESENCE
 from gateway.config import SETTINGS, Settings
 from gateway.device.connection import Connection, ConnectionGone
-from gateway.device.handlers import DeviceContext, dispatch_now, refuse
+from gateway.device.handlers import DEVICE_CONTEXT, dispatch_now, refuse
 from gateway.device.outbox import MIN_QUEUED_BYTES
 from gateway.device.registry import REGISTRY
 from gateway.device.sockets import DEVICE_SOCKETS
@@ -151,9 +151,9 @@ async def device_ws(request: web.Request) -> web.StreamResponse:
         said_hello = await _hello(app, ws, user_id, request.transport)
         if said_hello is None:
             return ws
-        ctx, holder = said_hello
+        conn, holder = said_hello
         del said_hello
-        conn = ctx.conn
+        ctx = app[DEVICE_CONTEXT]
         started = time.monotonic()
         try:
             await _welcome(app, conn, expires_at, holder)
@@ -165,12 +165,12 @@ async def device_ws(request: web.Request) -> web.StreamResponse:
                     if len(msg.data) > max_frame_bytes:  # one byte over aiohttp's own bound
                         conn.request_close(CloseCode.TOO_BIG, "frame too big")
                         break
-                    waiting = dispatch_now(ctx, msg.data)
+                    waiting = dispatch_now(ctx, conn, msg.data)
                     if waiting is not None:
                         await waiting
                 elif msg.type is WSMsgType.BINARY:
                     conn.frames_in += 1
-                    refuse(ctx, codes.BAD_FRAME, "binary frames are not accepted", None)
+                    refuse(ctx, conn, codes.BAD_FRAME, "binary frames are not accepted", None)
                 else:  # CLOSE, CLOSING, CLOSED, ERROR: the socket is done
                     break
         except ConnectionGone:
@@ -307,7 +307,7 @@ class _Socket:
 async def _hello(
     app: web.Application, ws: web.WebSocketResponse, user_id: str,
     transport: asyncio.Transport | None,
-) -> tuple[DeviceContext, PresenceRow | None] | None:
+) -> tuple[Connection, PresenceRow | None] | None:
     """The device_hello and the per-user limit: the new connection (not registered
     yet) with the other process holding the device now, if one does; None when
     the socket was closed instead."""
@@ -331,11 +331,7 @@ async def _hello(
         max_queued_bytes=app[DEVICE_OPTIONS].max_queued_bytes,
         event_acks=hello.event_acks,
     )
-    ctx = DeviceContext(
-        conn=conn, runs=app[RUNS], authenticator=app[AUTHENTICATOR], metrics=metrics,
-        heartbeat_s=settings.heartbeat_s, bad_frames_per_minute=settings.bad_frames_per_minute,
-    )
-    return ctx, holder
+    return conn, holder
 
 
 async def _within_limit(app: web.Application, ws: web.WebSocketResponse, user_id: str,
