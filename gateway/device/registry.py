@@ -9,6 +9,13 @@ from aiohttp import web
 
 from gateway.device.connection import Connection
 
+# Agent-id lists shared between connections (see ``register``): at most this
+# many distinct ones, of at most this many ids each (with ids of at most 256
+# characters, what is held for ever stays under 512 KiB); any other list stays
+# its connection's own.
+MAX_SHARED_AGENT_LISTS = 256
+MAX_SHARED_AGENT_IDS = 8
+
 
 @attrs.define
 class Registry:
@@ -16,6 +23,10 @@ class Registry:
 
     _by_user: dict[str, dict[str, Connection]] = attrs.Factory(dict)
     _count: int = 0
+    # One tuple per distinct agent-id list, for every connection advertising it:
+    # a fleet runs few kinds of agent, and a tuple of strings per device is
+    # memory per idle device. Bounded, never pruned.
+    _agent_lists: dict[tuple[str, ...], tuple[str, ...]] = attrs.Factory(dict)
 
     def __len__(self) -> int:
         return self._count
@@ -38,6 +49,12 @@ class Registry:
 
     def register(self, conn: Connection) -> Connection | None:
         """Make ``conn`` the current connection of its device; returns the one it replaces."""
+        shared = self._agent_lists.get(conn.agent_ids)
+        if shared is not None:
+            conn.agent_ids = shared
+        elif (len(self._agent_lists) < MAX_SHARED_AGENT_LISTS
+              and len(conn.agent_ids) <= MAX_SHARED_AGENT_IDS):
+            self._agent_lists[conn.agent_ids] = conn.agent_ids
         devices = self._by_user.setdefault(conn.user_id, {})
         previous = devices.get(conn.device_id)
         if previous is None:
