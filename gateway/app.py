@@ -22,6 +22,7 @@ import attrs
 import structlog
 from aiohttp import web
 
+from gateway.allocator import return_large_blocks_when_freed
 from gateway.auth import AUTHENTICATOR, DeviceAuthenticator, ServiceTokens, hmac_key_shortfall
 from gateway.cluster.notify import (
     DEVICES_CHANNEL,
@@ -530,6 +531,8 @@ def advertise_url(host: str, port: int) -> str:
 def run(settings: Settings, secrets: Secrets, dsn: str,
         on_force_exit: Callable[[], None]) -> int:
     """Run the event loop (uvloop when installed) around ``serve``."""
+    if not return_large_blocks_when_freed():
+        log.info("malloc_threshold_not_set", reason="not glibc")
     runner_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
     with contextlib.suppress(ImportError):
         import uvloop
