@@ -59,8 +59,13 @@ def connection_budget(fd_limit: int) -> int:
 class Admission:
     header_timeout_s: float
     max_held: int
-    # Connections held, by handler; the timer is set while the first request is awaited.
-    _held: dict[RequestHandler, asyncio.TimerHandle | None] = attrs.Factory(dict)
+    # Connections held now (counted, not kept: a dict entry per idle device was
+    # memory per idle device).
+    _held: int = 0
+    # Held connections still awaiting their first request, with its deadline.
+    _awaiting: dict[RequestHandler, asyncio.TimerHandle] = attrs.Factory(dict)
+    # Connections shed as they arrived, until aiohttp reports them lost: never counted.
+    _shedding: set[RequestHandler] = attrs.Factory(set)
     _shed: int = 0
     _accept_errors: int = 0
     _reported_at: float = -math.inf
@@ -73,7 +78,7 @@ class Admission:
 
     @property
     def held(self) -> int:
-        return len(self._held)
+        return self._held
 
     def attach(self, server: web.Server) -> None:
         """Apply the deadline and the budget to ``server``'s connections."""
@@ -81,35 +86,41 @@ class Admission:
         connection_made = server.connection_made
         connection_lost = server.connection_lost
         request_factory = server.request_factory
-        held = self._held
+        awaiting = self._awaiting
+        shedding = self._shedding
 
         def expire(handler: RequestHandler, transport: asyncio.Transport) -> None:
-            if held.get(handler) is not None and not transport.is_closing():
+            if awaiting.pop(handler, None) is not None and not transport.is_closing():
                 # abort, not close: nothing was answered, and descriptors are what
                 # is short when this matters.
                 transport.abort()
 
         def on_connection(handler: RequestHandler, transport: asyncio.Transport) -> None:
             connection_made(handler, transport)
-            if len(held) >= self.max_held:
+            if self._held >= self.max_held:
                 self._shed += 1
                 self._report(loop.time())
+                shedding.add(handler)
                 transport.abort()
                 return
-            held[handler] = loop.call_later(self.header_timeout_s, expire, handler, transport)
+            self._held += 1
+            awaiting[handler] = loop.call_later(self.header_timeout_s, expire, handler, transport)
 
         def on_lost(handler: RequestHandler, exc: BaseException | None = None) -> None:
-            timer = held.pop(handler, None)
-            if timer is not None:
-                timer.cancel()
+            if handler in shedding:
+                shedding.discard(handler)
+            else:
+                self._held -= 1
+                timer = awaiting.pop(handler, None)
+                if timer is not None:
+                    timer.cancel()
             connection_lost(handler, exc)
 
         def on_request(message: Any, payload: Any, protocol: RequestHandler, writer: Any,
                        task: Any) -> web.BaseRequest:
-            timer = held.get(protocol)
+            timer = awaiting.pop(protocol, None)
             if timer is not None:
                 timer.cancel()
-                held[protocol] = None
             return request_factory(message, payload, protocol, writer, task)
 
         server.connection_made = on_connection  # type: ignore[method-assign]
@@ -130,6 +141,6 @@ class Admission:
             return
         self._reported_at = now
         log.warning("connections_over_budget", shed=self._shed,
-                    accept_errors=self._accept_errors, held=len(self._held),
+                    accept_errors=self._accept_errors, held=self._held,
                     max_held=self.max_held)
         self._shed = self._accept_errors = 0
