@@ -188,6 +188,7 @@ class Connection:
     # The outbox's owner (gateway/device/outbox.py): its writes go through here.
 
     def write(self, frame: bytes) -> Awaitable[None]:
+        """The outbox's write to the socket; everything else sends with ``send``."""
         return self.socket.send(frame)
 
     def frame_written(self, frame: bytes) -> None:
