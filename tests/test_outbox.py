@@ -70,15 +70,19 @@ async def test_frames_are_written_in_order_and_reported_then_no_task_is_left() -
     assert outbox.idle and outbox.pending == 0
 
 
-async def test_frames_before_release_wait_and_the_first_goes_first() -> None:
+@pytest.mark.parametrize("at_once", [False, True], ids=["queued", "at_once"])
+async def test_frames_before_release_wait_and_the_first_goes_first(at_once: bool) -> None:
     owner = Owner()
     outbox = Outbox(owner)
-    outbox.put(b"run")
+    if at_once:
+        outbox.put_at_once(b"ping")  # held all the same
+    else:
+        outbox.put(b"ping")
     assert owner.written == []
     outbox.put(b"hello_ack", first=True)
     outbox.release()
     assert await outbox.drained(1.0)
-    assert owner.written == [b"hello_ack", b"run"]
+    assert owner.written == [b"hello_ack", b"ping"]
 
 
 async def test_frames_put_while_a_write_waits_follow_it_in_order() -> None:
@@ -121,11 +125,17 @@ async def test_a_write_failing_after_waiting_drops_the_queue_and_is_reported_onc
         outbox.put(b"c")
 
 
-async def test_a_cancelled_writer_leaves_its_frame_unwritten_and_unreported() -> None:
-    """Cancelled (the loop's shutdown), the write under way sees the CancelledError."""
+@pytest.mark.parametrize("at_once", [False, True], ids=["queued", "begun_at_once"])
+async def test_a_cancelled_writer_leaves_its_frame_unwritten_and_unreported(
+        at_once: bool) -> None:
+    """Cancelled (the loop's shutdown), the write under way sees the CancelledError
+    where it waits, also when the write was begun at once and resumed by the task."""
     owner = Owner(gate=asyncio.Event())
     outbox = released(owner)
-    outbox.put(b"a")
+    if at_once:
+        outbox.put_at_once(b"ping")
+    else:
+        outbox.put(b"ping")
     task = outbox._task
     assert task is not None
     await asyncio.sleep(0)
@@ -133,7 +143,7 @@ async def test_a_cancelled_writer_leaves_its_frame_unwritten_and_unreported() ->
     with pytest.raises(asyncio.CancelledError):
         await task
     assert outbox.pending == 1 and not outbox.idle  # the frame was never written
-    assert owner.written == [] and owner.failures == []
+    assert owner.cancelled == 1 and owner.written == [] and owner.failures == []
 
 
 async def test_a_put_from_the_owners_callback_is_written_once_after_the_frame() -> None:
@@ -175,17 +185,6 @@ async def test_put_at_once_behind_a_waiting_write_is_queued_after_it() -> None:
     assert owner.written == [b"tool_call", b"ping"] == owner.reported
 
 
-async def test_put_at_once_before_release_waits_for_hello_ack() -> None:
-    owner = Owner()
-    outbox = Outbox(owner)
-    outbox.put_at_once(b"ping")
-    assert owner.written == []
-    outbox.put(b"hello_ack", first=True)
-    outbox.release()
-    assert await outbox.drained(1.0)
-    assert owner.written == [b"hello_ack", b"ping"]
-
-
 async def test_a_write_begun_at_once_that_waits_is_finished_by_the_task_in_order() -> None:
     owner = Owner(gate=asyncio.Event())
     outbox = released(owner)
@@ -221,18 +220,3 @@ async def test_a_write_failing_at_once_is_reported_within_the_call() -> None:
     assert outbox.idle
     with pytest.raises(OutboxBroken):
         outbox.put(b"after")
-
-
-async def test_cancelling_the_task_reaches_the_write_begun_at_once() -> None:
-    """The task finishing a begun write is a real task: cancelled (the loop's
-    shutdown), the write under way sees the CancelledError where it waits."""
-    owner = Owner(gate=asyncio.Event())
-    outbox = released(owner)
-    outbox.put_at_once(b"ping")
-    task = outbox._task
-    assert task is not None
-    await asyncio.sleep(0)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    assert owner.cancelled == 1 and owner.written == [] and owner.failures == []
