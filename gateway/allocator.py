@@ -16,7 +16,6 @@ the heap, so the frequent path pays no mapping.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import sys
 
 # Blocks of this many bytes or more are mapped on their own (glibc's default
@@ -30,10 +29,11 @@ def return_large_blocks_when_freed(threshold: int = LARGE_BLOCK_BYTES) -> bool:
     """Fix glibc's mmap threshold at ``threshold``; False where there is no glibc."""
     if not sys.platform.startswith("linux"):
         return False
-    name = ctypes.util.find_library("c")
     try:
-        mallopt = ctypes.CDLL(name).mallopt
-    except (OSError, AttributeError):  # no libc found, or one without mallopt (musl)
+        # The process's own symbols, libc's among them: no library search (which
+        # runs ldconfig) at start-up.
+        mallopt = ctypes.CDLL(None).mallopt
+    except AttributeError:  # a libc without mallopt (musl)
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
