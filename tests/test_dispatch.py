@@ -69,8 +69,6 @@ class RecordingSocket:
 @pytest.fixture
 async def wire() -> Wire:
     socket = RecordingSocket()
-    conn = Connection(user_id="user-1", device_id="d1", agent_ids=("agent-a",),
-                      socket=socket, max_inflight_calls=4)
     authenticator = DeviceAuthenticator(
         algorithms=("HS256",), secret=SECRET, public_key=None, audience=None, issuer=None,
         require_exp=True, leeway_s=0,
@@ -78,6 +76,8 @@ async def wire() -> Wire:
     ctx = DeviceContext(runs=None,  # type: ignore[arg-type]
                         authenticator=authenticator, metrics=Metrics(), heartbeat_s=30,
                         bad_frames_per_minute=BAD_FRAMES_PER_MINUTE)
+    conn = Connection(user_id="user-1", device_id="d1", agent_ids=("agent-a",),
+                      socket=socket, max_inflight_calls=4, expiries=ctx.expiries)
     # The endpoint sends hello_ack first; until then frames are held back.
     conn.acknowledge(b'{"type":"hello_ack"}')
     await conn.drained()
@@ -238,7 +238,10 @@ async def test_auth_refresh_extends_expiry(wire: Wire) -> None:
     wire.conn.arm_expiry(time.time() + 60)
     assert await wire.feed({"type": "auth_refresh", "token": token("user-1")}) == []
     assert wire.conn.expires_at is not None and wire.conn.expires_at > time.time() + 3000
-    wire.conn.mark_closing(1000, "test over")  # disarms the timer
+    # Moved, not added: one entry, under the new second only.
+    assert (len(wire.ctx.expiries), wire.ctx.expiries.timers) == (1, 1)
+    wire.conn.mark_closing(1000, "test over")  # leaves the schedule
+    assert (len(wire.ctx.expiries), wire.ctx.expiries.timers) == (0, 0)
 
 
 @pytest.mark.parametrize(

@@ -1,8 +1,9 @@
 """One device connection: sending, tool calls with their futures, expiry, closing.
 
 A ``Connection`` owns only what is its own: its pending calls, its close task
-and its expiry timer. The WebSocket is reached through a ``DeviceSocket`` (send
-and close), so dispatch can be unit-tested without a socket.
+and its entry in the process's expiry schedule. The WebSocket is reached
+through a ``DeviceSocket`` (send and close), so dispatch can be unit-tested
+without a socket.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import attrs
 import structlog
 
 from gateway.device.allowance import Allowance
+from gateway.device.expiry import Expiries
 from gateway.device.outbox import MIN_QUEUED_BYTES, Outbox, OutboxBroken, OutboxFull
 from gateway.wire import codes, messages
 from gateway.wire.codes import CloseCode
@@ -118,6 +120,9 @@ class Connection:
     # Told the type of every frame written (the frames-sent metric); shared by
     # every connection, as is everything here that is not the device's own.
     sent_tally: FrameTally | None = None
+    # The process's token expiry schedule (gateway/device/expiry.py); needed
+    # once a token with an exp is armed.
+    expiries: Expiries | None = None
     connection_id: str = attrs.field(factory=lambda: str(uuid.uuid4()))
     connected_at: dt.datetime = attrs.field(factory=lambda: dt.datetime.now(dt.UTC))
     expires_at: float | None = None  # unix time incl. leeway
@@ -130,7 +135,6 @@ class Connection:
     _outbox: Outbox = attrs.field(init=False)
     _closing: bool = False
     _close_task: asyncio.Task[Any] | None = None
-    _expiry_handle: asyncio.TimerHandle | None = None
     # Created on the first bad frame: most devices never send one (memory per idle device).
     _bad_frame_times: collections.deque[float] | None = None
     # The handlers' allowance of costly frames (gateway/device/handlers.py), made
@@ -303,19 +307,20 @@ class Connection:
     # ------------------------------------------------------------ expiry and closing
 
     def arm_expiry(self, expires_at: float | None) -> None:
-        """Close with 4001 when the token's exp (plus leeway) passes."""
-        if self._expiry_handle is not None:
-            self._expiry_handle.cancel()
-            self._expiry_handle = None
+        """Close with 4001 when the token's exp (plus leeway) passes; None: never."""
+        self._disarm_expiry()
         self.expires_at = expires_at
         if expires_at is None or self._closing:
             return
-        loop = asyncio.get_running_loop()
-        delay = max(0.0, expires_at - time.time())
-        self._expiry_handle = loop.call_at(loop.time() + delay, self._expire)
+        if self.expiries is None:
+            raise RuntimeError("a connection without an expiry schedule cannot expire")
+        self.expiries.add(self, expires_at)
 
-    def _expire(self) -> None:
-        self._expiry_handle = None
+    def _disarm_expiry(self) -> None:
+        if self.expires_at is not None and self.expiries is not None:
+            self.expiries.remove(self, self.expires_at)
+
+    def token_expired(self) -> None:
         log.info("device_token_expired", user_id=self.user_id, device_id=self.device_id)
         self.request_close(CloseCode.TOKEN_EXPIRED, "token expired")
 
@@ -340,9 +345,7 @@ class Connection:
             self._closing = True
             self.close_code = code
             self.close_reason = reason
-        if self._expiry_handle is not None:
-            self._expiry_handle.cancel()
-            self._expiry_handle = None
+        self._disarm_expiry()
 
     async def wait_closed(self, within_s: float) -> None:
         """Let a close started by request_close finish its handshake (bounded)."""

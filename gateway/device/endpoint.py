@@ -330,6 +330,7 @@ async def _hello(
     conn = Connection(
         user_id=user_id, device_id=hello.device_id, agent_ids=hello.agent_ids,
         socket=_Socket(ws, transport), sent_tally=metrics.frames_out,
+        expiries=app[DEVICE_CONTEXT].expiries,
         max_inflight_calls=settings.max_inflight_calls_per_device,
         max_queued_bytes=app[DEVICE_OPTIONS].max_queued_bytes,
         event_acks=hello.event_acks,

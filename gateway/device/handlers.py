@@ -17,6 +17,7 @@ from aiohttp import web
 from gateway.auth import AuthError, DeviceAuthenticator
 from gateway.device.allowance import Allowance
 from gateway.device.connection import Connection, ConnectionGone
+from gateway.device.expiry import Expiries
 from gateway.metrics import Metrics
 from gateway.runs.lifecycle import RunRefused, Runs
 from gateway.runs.tracking import parse_run_id
@@ -45,6 +46,7 @@ class DeviceContext:
     metrics: Metrics
     heartbeat_s: float
     bad_frames_per_minute: int
+    expiries: Expiries = attrs.Factory(Expiries)
 
 
 DEVICE_CONTEXT = web.AppKey("device_context", DeviceContext)
