@@ -6,6 +6,8 @@ peer must be gone by then), not a performance figure.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 
@@ -58,3 +60,23 @@ async def test_a_peer_that_stops_answering_pings_is_gone_within_one_and_a_half_h
         await ws.close()
     assert pings >= 1
     assert gone_after <= 1.5 * heartbeat_s, gone_after
+
+
+async def test_a_peer_that_answers_pings_stays(make_gateway: MakeGateway) -> None:
+    heartbeat_s = 0.5
+    gw = await make_gateway(heartbeat_s=heartbeat_s)
+    # aiohttp's client answers each ping while it reads; it sends nothing else.
+    ws = await gw.public.ws_connect(WS_PATH, params={"token": mint("user-1")},
+                                    autoping=True, heartbeat=None)
+    try:
+        await ws.send_str(orjson.dumps({"type": "device_hello", "device_id": "d1"}).decode())
+        loop = asyncio.get_running_loop()
+        until = loop.time() + 6 * heartbeat_s  # ~6 of aiohttp's pings (h = 0.45 s)
+        while (left := until - loop.time()) > 0:
+            with contextlib.suppress(TimeoutError):
+                msg = await ws.receive(timeout=left)
+                assert msg.type is aiohttp.WSMsgType.TEXT, msg
+        assert not ws.closed
+        assert len(gw.svc.registry) == 1
+    finally:
+        await ws.close()
