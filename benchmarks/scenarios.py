@@ -257,6 +257,7 @@ async def idle(ctx: Context, n: int, *, hold_s: float = 5.0, concurrency: int = 
         **cpu_figures(ramp, ctx.procs),
         "hold_s": hold_s,
         "hold_server_cpu_pct": round(held["server"] * 100, 2),
+        "hold_server_kernel_pct": round(held["server_kernel"] * 100, 2),
         "client": _client_label(client),
         "deflate_negotiated": sum(r.get("deflate_negotiated", 0) for r in reports),
         **({"probe_calls": len(probe_latencies), "probe_errors": probe_errors[:3],

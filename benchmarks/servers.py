@@ -237,12 +237,13 @@ def start_ceiling(run_dir: Path, *, extra_env: Mapping[str, str] | None = None,
 # ---------------------------------------------------------------- sampling
 
 
-def _cpu_seconds(pids: Iterable[int]) -> float:
+def _cpu_seconds(pids: Iterable[int], *, kernel_only: bool = False) -> float:
+    """CPU seconds of ``pids``: user and kernel, or the kernel's (system calls) alone."""
     total = 0.0
     for pid in pids:
         with contextlib.suppress(psutil.Error):
             times = psutil.Process(pid).cpu_times()
-            total += times.user + times.system
+            total += times.system if kernel_only else times.user + times.system
     return total
 
 
@@ -269,10 +270,13 @@ class CpuWindow:
     groups: Mapping[str, Any]
     _t0: float = 0.0
     _cpu0: dict[str, float] = field(default_factory=dict)
+    _kernel0: dict[str, float] = field(default_factory=dict)
     _machine0: float = 0.0
 
     def start(self) -> None:
         self._cpu0 = {name: _cpu_seconds(pids()) for name, pids in self.groups.items()}
+        self._kernel0 = {name: _cpu_seconds(pids(), kernel_only=True)
+                         for name, pids in self.groups.items()}
         self._machine0 = _machine_busy_seconds()
         self._t0 = time.monotonic()
 
@@ -282,6 +286,13 @@ class CpuWindow:
             name: round(max(0.0, _cpu_seconds(pids()) - self._cpu0[name]) / wall, 3)
             for name, pids in self.groups.items()
         }
+        # How much of it was the kernel's (socket system calls): what no Python
+        # change removes.
+        cores.update({
+            f"{name}_kernel": round(max(0.0, _cpu_seconds(pids(), kernel_only=True)
+                                        - self._kernel0[name]) / wall, 3)
+            for name, pids in self.groups.items()
+        })
         cores["machine_busy"] = round(max(0.0, _machine_busy_seconds() - self._machine0)
                                       / wall, 3)
         cores["wall_s"] = round(wall, 3)
