@@ -1,11 +1,14 @@
 """The garbage collector's policy (gateway/heap.py): start-up frozen, full
-collections held back for an interval after each one, never switched off."""
+collections held back for an interval after each one, never switched off;
+what a fruitless one found alive frozen until garbage shows up again (or for
+``frozen_max_s`` at most)."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
 import time
+import weakref
 from collections.abc import Iterator
 
 import pytest
@@ -113,3 +116,75 @@ def test_fruitless_full_collections_double_the_hold_up_to_the_maximum(
         assert not backing_off.held
     finally:
         backing_off.uninstall()
+
+
+@pytest.fixture
+def freezing(policy: HeapPolicy) -> Iterator[HeapPolicy]:
+    """A policy that freezes after fruitless full collections (``policy`` for its
+    clean-up: thresholds restored, nothing left frozen)."""
+    gc.unfreeze()
+    freezing = HeapPolicy(min_interval_s=0.2, fruitless_below=500, frozen_max_s=60)
+    freezing.install()
+    gc.unfreeze()  # what install froze: the tests count what the policy freezes
+    try:
+        yield freezing
+    finally:
+        freezing.uninstall()
+
+
+class Node:
+    """A weakly referable object that can sit in a cycle."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_a_fruitless_full_collection_freezes_what_it_found_alive(freezing: HeapPolicy) -> None:
+    kept = [Node() for _ in range(1000)]
+    gc.collect()  # finds nothing to free
+    assert freezing.frozen and freezing.freezes == 1
+    assert gc.get_freeze_count() >= len(kept)
+    gc.collect()  # fruitless again: its survivors join the frozen; still one freeze
+    assert freezing.frozen and freezing.freezes == 1
+
+
+def test_a_frozen_cycle_of_garbage_is_freed_once_garbage_elsewhere_thaws_the_heap(
+    freezing: HeapPolicy,
+) -> None:
+    leaving = Node()
+    gone = weakref.ref(leaving)
+    gc.collect()
+    assert freezing.frozen
+    del leaving  # now a cycle of garbage, but frozen: no collection sees it
+    gc.collect()
+    assert gone() is not None
+    _collect_freeing(2000)  # garbage again: thawed (that collection ran frozen)
+    assert not freezing.frozen and freezing.thaws == 1
+    gc.collect()
+    assert gone() is None
+
+
+def test_garbage_found_by_a_young_collection_thaws_the_heap(freezing: HeapPolicy) -> None:
+    gc.collect()
+    assert freezing.frozen
+    for _ in range(2000):
+        Node()
+    gc.collect(0)
+    assert not freezing.frozen
+    assert gc.get_freeze_count() == 0
+
+
+def test_nothing_stays_frozen_longer_than_frozen_max_s(policy: HeapPolicy) -> None:
+    brief = HeapPolicy(min_interval_s=0.2, fruitless_below=500, frozen_max_s=0.2)
+    brief.install()
+    try:
+        gc.collect()
+        assert brief.frozen
+        brief.release_due()
+        assert brief.frozen
+        time.sleep(0.25)
+        brief.release_due()
+        assert not brief.frozen and brief.thaws == 1
+        assert gc.get_freeze_count() == 0
+    finally:
+        brief.uninstall()
