@@ -13,6 +13,7 @@ section; it was left for after this round's parallel branches had merged.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import struct
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -799,6 +800,22 @@ CANCELLED_AMONG = """
 SELECT id FROM agent_run_logs WHERE id = ANY($1::uuid[]) AND status = 'cancelled'
 """
 
+# What this process's rows add up to: their count, and the sum of 60 bits of
+# each connection id's md5 (``connection_digest``): presence.py compares it
+# with what it wrote, and sends its ids (PRESENCE_LOST) only when they differ.
+PRESENCE_DIGEST = """
+SELECT count(*) AS n,
+       coalesce(sum(('x' || substr(md5(connection_id), 1, 15))::bit(60)::bigint), 0) AS total
+  FROM device_presence WHERE instance_id = $1
+"""
+
+
+def connection_digest(connection_id: str) -> int:
+    """What PRESENCE_DIGEST adds up for one row: 60 bits of its id's md5."""
+    digest = hashlib.md5(connection_id.encode(), usedforsecurity=False).hexdigest()
+    return int(digest[:15], 16)
+
+
 # Of the connections whose rows we wrote, those whose row is gone: another
 # process's hello overwrote it (a replacement we may not have been told of).
 PRESENCE_LOST = """
@@ -938,6 +955,12 @@ class ClusterStore:
                 runs += [row["id"] for row in await conn.fetch(statement, gone, reason)]
             await conn.execute(DELETE_INSTANCES, dead)
         return dead, runs
+
+    async def presence_digest(self, instance_id: str) -> tuple[int, int]:
+        """How many rows are this process's, and their ids' ``connection_digest`` sum."""
+        row = await self.pool.fetchrow(PRESENCE_DIGEST, instance_id)
+        assert row is not None  # an aggregate always answers one row
+        return int(row["n"]), int(row["total"])
 
     async def presence_lost(self, instance_id: str, connection_ids: Sequence[str]) -> set[str]:
         if not connection_ids:

@@ -460,6 +460,35 @@ async def test_a_connection_whose_row_another_process_took_is_let_go(
     await a.wait_for(lambda: a.svc.registry.get("u1", "d1") is None)
 
 
+async def test_the_rows_a_process_holds_add_up_to_what_it_wrote_until_one_is_taken(
+        make_gateway: Any, database_url: str) -> None:
+    """check_lost sends its connection ids only when its rows no longer add up to
+    what it wrote: the database's sum and the process's must agree while they
+    are the same rows, and differ once one is taken."""
+    a, _ = await two(make_gateway, instance_ttl_s=60)  # no heartbeat pass meanwhile
+    presence = a.svc.presence
+    devices = [await a.device("u1", f"d{i}") for i in range(3)]
+    assert presence.written_digest[0] == 3
+    assert await presence.store.presence_digest("gw-a") == presence.written_digest
+    await devices[0].close()
+    await a.wait_for(lambda: presence.written_digest[0] == 2)
+    for _ in range(100):  # the row's delete is batched: it follows shortly
+        if await presence.store.presence_digest("gw-a") == presence.written_digest:
+            break
+        await asyncio.sleep(0.05)
+    assert await presence.store.presence_digest("gw-a") == presence.written_digest
+    assert await presence.check_lost() == 0
+    conn = await asyncpg.connect(database_url)
+    try:  # what b's hello would have written, without telling a
+        await conn.execute("UPDATE device_presence SET instance_id = 'gw-b', "
+                           "connection_id = 'elsewhere' WHERE device_id = 'd1'")
+    finally:
+        await conn.close()
+    assert await presence.store.presence_digest("gw-a") != presence.written_digest
+    assert await presence.check_lost() == 1
+    assert await devices[1].expect_close() == 4000
+
+
 async def test_a_process_reaped_while_alive_comes_back_without_stealing_devices(
         make_gateway: Any, database_url: str) -> None:
     """Reaped during a stall: it registers again and rewrites the rows of its devices,

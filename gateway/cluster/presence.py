@@ -26,7 +26,7 @@ from aiohttp import web
 from gateway.cluster.notify import device_message
 from gateway.metrics import Metrics
 from gateway.runs.coalesce import Coalescer
-from gateway.store import ClusterStore, HelloPresence, PresenceRow
+from gateway.store import ClusterStore, HelloPresence, PresenceRow, connection_digest
 from gateway.wire import codes
 
 log = structlog.get_logger(__name__)
@@ -72,6 +72,9 @@ class Presence:
     on_lost: Callable[[Held], Awaitable[object]] | None = None
     beats: int = 0
     _written: dict[str, Held] = attrs.Factory(dict)  # connection id → its row is written
+    # The sum of connection_digest over _written: what our rows add up to if
+    # none was taken (check_lost).
+    _written_digest: int = 0
     _located: dict[tuple[str, str | None], tuple[float, PresenceRow]] = attrs.Factory(dict)
     # A reconnect storm's hellos share their presence statements (see runs/coalesce.py).
     _looks: Coalescer[tuple[str, str], HelloPresence] = attrs.field(init=False)
@@ -117,6 +120,8 @@ class Presence:
 
     async def device_up(self, conn: Held) -> None:
         await self._ups.submit(conn)
+        if conn.connection_id not in self._written:
+            self._written_digest += connection_digest(conn.connection_id)
         self._written[conn.connection_id] = conn
 
     async def _up_batch(self, conns: Sequence[Held]) -> list[None]:
@@ -126,7 +131,8 @@ class Presence:
         return [None] * len(conns)
 
     async def device_down(self, conn: Held) -> None:
-        self._written.pop(conn.connection_id, None)
+        if self._written.pop(conn.connection_id, None) is not None:
+            self._written_digest -= connection_digest(conn.connection_id)
         try:
             await self._downs.submit(conn.connection_id)
         except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
@@ -233,8 +239,17 @@ class Presence:
             (c.user_id, c.device_id, c.connection_id, c.agent_ids, c.connected_at)
             for c in held])
 
+    @property
+    def written_digest(self) -> tuple[int, int]:
+        """The rows we wrote and hold: how many, and their ``connection_digest`` sum."""
+        return len(self._written), self._written_digest
+
     async def check_lost(self) -> int:
         """Connections whose row is no longer ours: replaced from another process."""
+        if await self.store.presence_digest(self.instance_id) == self.written_digest:
+            # Our rows are exactly those we wrote: none was taken. The ids
+            # themselves (20,000 of them every few seconds) go only otherwise.
+            return 0
         written = dict(self._written)
         lost = await self.store.presence_lost(self.instance_id, list(written))
         for connection_id in lost:
