@@ -63,8 +63,8 @@ FLEET_MAX_HOLD_CPU_PCT = 5.0
 RUN_KEYS = ("throughput", "p50_ms", "p99_ms", "max_ms", "kb_per_conn", "server_cpu_pct",
             "generator_cores", "machine_busy_cores", "close_presence_ms_max",
             "close_calls_ms_max", "kill_presence_ms_max", "kill_calls_ms_max",
-            "connect_s", "hold_server_cpu_pct", "hold_server_kernel_pct", "probe_p50_ms", "probe_p99_ms",
-            "deflate_negotiated")
+            "connect_s", "hold_server_cpu_pct", "hold_server_kernel_pct", "probe_p50_ms",
+            "probe_p99_ms", "deflate_negotiated")
 
 Measure = Callable[[Context], Awaitable[dict[str, Any]]]
 
