@@ -444,18 +444,23 @@ async def test_cluster_metrics_count_forwarded_calls_and_notifications(
     assert "gateway_event_notifications_total 1.0" in text_a
 
 
+async def taken_by_b_unannounced(database_url: str, device_id: str) -> None:
+    """What b's hello would have written for the device, without telling a."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("UPDATE device_presence SET instance_id = 'gw-b', "
+                           "connection_id = 'elsewhere' WHERE device_id = $1", device_id)
+    finally:
+        await conn.close()
+
+
 async def test_a_connection_whose_row_another_process_took_is_let_go(
         make_gateway: Any, database_url: str) -> None:
     """The replacement NOTIFY was missed (say, the LISTEN connection was being
     replaced): the heartbeat sees the row is someone else's and closes ours with 4000."""
     a, _ = await two(make_gateway, instance_ttl_s=0.6)
     device = await a.device("u1", "d1")
-    conn = await asyncpg.connect(database_url)
-    try:  # what b's hello would have written, without telling a
-        await conn.execute("UPDATE device_presence SET instance_id = 'gw-b', "
-                           "connection_id = 'elsewhere' WHERE device_id = 'd1'")
-    finally:
-        await conn.close()
+    await taken_by_b_unannounced(database_url, "d1")
     assert await device.expect_close() == 4000
     await a.wait_for(lambda: a.svc.registry.get("u1", "d1") is None)
 
@@ -478,12 +483,7 @@ async def test_the_rows_a_process_holds_add_up_to_what_it_wrote_until_one_is_tak
         await asyncio.sleep(0.05)
     assert await presence.store.presence_digest("gw-a") == presence.written_digest
     assert await presence.check_lost() == 0
-    conn = await asyncpg.connect(database_url)
-    try:  # what b's hello would have written, without telling a
-        await conn.execute("UPDATE device_presence SET instance_id = 'gw-b', "
-                           "connection_id = 'elsewhere' WHERE device_id = 'd1'")
-    finally:
-        await conn.close()
+    await taken_by_b_unannounced(database_url, "d1")
     assert await presence.store.presence_digest("gw-a") != presence.written_digest
     assert await presence.check_lost() == 1
     assert await devices[1].expect_close() == 4000
